@@ -1,0 +1,88 @@
+"""Value types shared by the affinity core: accounts, demands, outcomes and state snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Provider limits of one account; None means the provider sets no such limit."""
+
+    rpm: int | None = None
+    itpm: int | None = None
+    otpm: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    name: str
+    # Accounts sharing one provider organisation share its prompt cache; "" means the name.
+    cache_domain: str = ""
+    weight: float = 1.0
+    limits: Limits = Limits()
+    # Anthropic does not count cache reads against input TPM; most others do.
+    itpm_counts_cached: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.cache_domain:
+            object.__setattr__(self, "cache_domain", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What one request is expected to cost, for admission against the windows."""
+
+    input_tokens: int
+    output_tokens: int
+    # Expected cache read on the chosen account (the router fills it from the choice);
+    # it is not counted against input TPM where the account does not count cache reads.
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the provider reported for one admitted request."""
+
+    ok: bool
+    input_tokens: int  # whole prompt: uncached + cache read + cache write
+    cached_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    expected_cached_tokens: int
+    # What begin() counted, so end() can swap the estimate for the real figures;
+    # without it the estimate stays in the windows.
+    demand: Demand | None = None
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccountLoad:
+    """One account's use of its sliding window, plus what its provider last told us."""
+
+    requests: float = 0.0
+    input_tokens: float = 0.0  # as counted against input TPM (uncached only where applicable)
+    output_tokens: float = 0.0
+    in_flight: int = 0
+    # From rate-limit headers, while their reset time has not passed.
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_in: float = 0.0
+
+
+IDLE = AccountLoad()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything selection needs from shared state, read in one round trip."""
+
+    matched: Mapping[str, int]  # account name -> live matched tokens; absent means none
+    load: Mapping[str, AccountLoad]  # account name -> window use; absent means idle
+    root_rate: float = 0.0  # requests per minute through the root block
+    # Deepest block index still carrying at least half of the root's traffic: the end of the
+    # shared (hot) prefix; the block after it is the conversation's own. -1 when unknown.
+    shared_index: int = -1
+    window_seconds: float = 60.0
