@@ -1,0 +1,232 @@
+"""The composition root: builds the middleware chain once and dispatches by path.
+
+    client ─► errors ─► metering ─► auth ─► groups ─► prefix ─► pinning ─► failover ─► upstream
+
+The order is written once, below, as a list folded in reverse. Configuration tunes the
+layers; it never reorders them. Shared resources (the aiohttp session, the affinity
+state) are opened and closed by the ASGI lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from affinity.memory import MemoryState
+from affinity.redis_state import RedisState
+from affinity.router import AffinityRouter
+from affinity.select import Selector
+from affinity.state import AffinityState
+from gateway.config import PROVIDER_ENDPOINTS, Config
+from gateway.context import Endpoint, Principal, RequestContext
+from gateway.errors import MethodNotAllowed, NotFound
+from gateway.health import Health
+from gateway.metrics import Metrics
+from gateway.pricing import Price
+from gateway.upstream import Account, UpstreamApp, UpstreamClient
+from middleware.auth import AuthMiddleware
+from middleware.errors import ErrorsMiddleware
+from middleware.failover import FailoverMiddleware
+from middleware.groups import GroupsMiddleware
+from middleware.metering import MeteringMiddleware
+from middleware.pinning import PinningMiddleware
+from middleware.prefix import PrefixMiddleware
+
+log = logging.getLogger(__name__)
+
+_PROXIED = {f"/v1/{e.value}" for e in Endpoint}
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, ctype: bytes = b"application/json"
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class Gateway:
+    """The ASGI application. Everything per-request lives in the chain's context."""
+
+    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.accounts = {a.name: Account.from_config(a) for a in config.accounts}
+        pools = {p: tuple(self.accounts[n] for n in members) for p, members in config.pools.items()}
+        self.health = Health(config.pools)
+        self.upstream = UpstreamClient(config.server.timeouts)
+        self.state = self._state(config)
+        self.router = AffinityRouter(
+            self.state,
+            Selector(alpha=config.affinity.alpha, min_tokens=config.affinity.min_tokens),
+        )
+        self.ready = False
+        principals = {
+            t.key_hash: Principal(
+                token=t.name,
+                user=t.user or t.name,
+                user_group=t.user_group,
+                group=t.group,
+                fallback_groups=t.fallback_groups,
+                rpm=t.rpm,
+                admin=t.admin,
+            )
+            for t in config.tokens
+        }
+        pool_endpoints = {
+            p: frozenset().union(*(PROVIDER_ENDPOINTS[a.provider] for a in accounts))
+            for p, accounts in pools.items()
+        }
+        prices = {model: Price(**p.model_dump()) for model, p in config.pricing.items()}
+
+        chain: list[Callable[[ASGIApp], ASGIApp]] = [
+            ErrorsMiddleware,
+            lambda app: MeteringMiddleware(app, metrics=self.metrics, prices=prices),
+            lambda app: AuthMiddleware(app, secret=config.server.secret, principals=principals),
+            lambda app: GroupsMiddleware(
+                app,
+                groups=config.groups,
+                user_groups=config.user_groups,
+                pool_endpoints=pool_endpoints,
+                max_body_bytes=config.server.max_body_bytes,
+            ),
+            lambda app: PrefixMiddleware(app, min_tokens=config.min_tokens),
+            lambda app: PinningMiddleware(
+                app, router=self.router, pools=pools, health=self.health, metrics=self.metrics
+            ),
+            lambda app: FailoverMiddleware(
+                app, router=self.router, health=self.health, metrics=self.metrics
+            ),
+        ]
+        app: ASGIApp = UpstreamApp(self.upstream)
+        for layer in reversed(chain):
+            app = layer(app)
+        self.proxy = app
+        # Non-proxied API routes share the outer layers: the errors format and auth.
+        self.api = ErrorsMiddleware(
+            AuthMiddleware(self._api_routes, secret=config.server.secret, principals=principals)
+        )
+        self._allowed_models = self._models_by_principal(config)
+
+    @staticmethod
+    def _state(config: Config) -> AffinityState:
+        aff = config.affinity
+        if config.state.redis_url:
+            return RedisState(
+                config.state.redis_url,
+                ttl_seconds=aff.ttl_seconds,
+                window_seconds=aff.window_seconds,
+            )
+        return MemoryState(ttl_seconds=aff.ttl_seconds, window_seconds=aff.window_seconds)
+
+    def _models_by_principal(
+        self, config: Config
+    ) -> Callable[[Principal], list[dict[str, object]]]:
+        def models(principal: Principal) -> list[dict[str, object]]:
+            names = (
+                principal.group,
+                *(principal.fallback_groups or config.groups[principal.group].fallback_groups),
+            )
+            allowed = config.user_groups.get(principal.user_group)
+            out: dict[str, dict[str, object]] = {}
+            for name in dict.fromkeys(names):
+                if allowed is not None and name not in allowed.groups:
+                    continue
+                for model, pool in config.groups[name].models.items():
+                    if model in out:
+                        continue
+                    providers = {self.accounts[a].provider for a in config.pools[pool]}
+                    caching = any(
+                        ep in ("chat/completions", "messages")
+                        for p in providers
+                        for ep in PROVIDER_ENDPOINTS[p]
+                    )
+                    out[model] = {
+                        "id": model,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": name,
+                        "supports_caching": caching,
+                    }
+            return list(out.values())
+
+        return models
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path: str = scope["path"]
+            if path in _PROXIED:
+                if scope["method"] != "POST":
+                    await self.api(scope, receive, send)  # renders 405 in the caller's format
+                    return
+                await self.proxy(scope, receive, send)
+                return
+            if path == "/livez":
+                await _respond(send, 200, b'{"status":"ok"}')
+            elif path == "/readyz":
+                ok = self.ready
+                await _respond(
+                    send, 200 if ok else 503, b'{"ready":%s}' % (b"true" if ok else b"false")
+                )
+            elif path == "/metrics":
+                await _respond(send, 200, self.metrics.render(), b"text/plain; version=0.0.4")
+            else:
+                await self.api(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _api_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = RequestContext.of(scope)
+        assert ctx.principal is not None
+        path, method = scope["path"], scope["method"]
+        if path in _PROXIED:
+            raise MethodNotAllowed(f"{path} accepts POST only")
+        if path == "/v1/models" and method == "GET":
+            body = orjson.dumps({"object": "list", "data": self._allowed_models(ctx.principal)})
+            await _respond(send, 200, body)
+            return
+        raise NotFound(f"no route for {method} {path}")
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        self.ready = True
+        log.info(
+            "gateway ready: %d accounts in %d pools, state %s",
+            len(self.accounts),
+            len(self.config.pools),
+            "redis" if self.config.state.redis_url else "embedded",
+        )
+
+    async def aclose(self) -> None:
+        self.ready = False
+        await self.upstream.aclose()
+        await self.state.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(config: Config, *, metrics: Metrics | None = None) -> Gateway:
+    return Gateway(config, metrics=metrics)

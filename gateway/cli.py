@@ -1,0 +1,170 @@
+"""`affinity-gateway` command line: serve, check-config, keys, emulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from gateway.config import ConfigError, load_config
+from gateway.keys import hash_key, new_key
+
+log = logging.getLogger("gateway")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _uvicorn_extras() -> dict[str, str]:
+    """The fast event loop and HTTP parser when they are installed."""
+    extras: dict[str, str] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        extras["loop"] = "uvloop"
+    except ImportError:
+        pass
+    try:
+        import httptools  # noqa: F401
+
+        extras["http"] = "httptools"
+    except ImportError:
+        pass
+    return extras
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    app = create_app(config)
+    uvicorn.run(
+        app,
+        host=args.host or config.server.host,
+        port=args.port if args.port is not None else config.server.port,
+        access_log=False,
+        log_level=args.log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=args.drain_seconds,
+        **_uvicorn_extras(),  # type: ignore[arg-type]
+    )
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.file}: ok ({len(config.accounts)} accounts, {len(config.pools)} pools, "
+        f"{len(config.groups)} groups, {len(config.tokens)} tokens)"
+    )
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get("GATEWAY_SECRET", "")
+    if args.config and not secret:
+        try:
+            secret = load_config(args.config).server.secret
+        except ConfigError as exc:
+            print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
+            return 2
+    if len(secret) < 16:
+        print(
+            "a server secret of at least 16 characters is needed: --config FILE, --secret, "
+            "or GATEWAY_SECRET",
+            file=sys.stderr,
+        )
+        return 2
+    key = args.key or new_key()
+    print(f"# The key, shown once; give it to the caller and keep no copy:\n# {key}")
+    print("# Add this entry under `tokens:` in the configuration:")
+    print(f"- name: {args.name}")
+    print(f"  key_hash: {hash_key(secret, key)}")
+    print(f"  user: {args.user or args.name}")
+    print(f"  user_group: {args.user_group}")
+    print(f"  group: {args.group}")
+    return 0
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from gateway import emulator
+
+    return emulator.main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="affinity-gateway",
+        description="A cache-affinity-aware LLM API gateway.",
+    )
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="YAML configuration file")
+    serve.add_argument("--host", default=None, help="override server.host")
+    serve.add_argument("--port", type=int, default=None, help="override server.port")
+    serve.add_argument(
+        "--drain-seconds", type=float, default=30.0, help="grace for in-flight streams on SIGTERM"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="make a key; print it once with its config entry")
+    new.add_argument("--name", required=True)
+    new.add_argument("--group", required=True)
+    new.add_argument("--user", default="")
+    new.add_argument("--user-group", default="default")
+    new.add_argument("--config", default=None, help="read the server secret from this config")
+    new.add_argument("--secret", default=None, help="the server secret (else GATEWAY_SECRET)")
+    new.add_argument("--key", default=None, help=argparse.SUPPRESS)  # fixed demo keys
+    new.set_defaults(func=cmd_keys_new)
+
+    from gateway import emulator
+
+    emulate = sub.add_parser("emulate", help="run the provider emulator")
+    emulator.add_arguments(emulate)
+    emulate.set_defaults(func=cmd_emulate)
+
+    demo = sub.add_parser("demo", help="emulator + gateway + a workload, then a table")
+    demo.add_argument("--requests", type=int, default=0, help="0: the built-in workload")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""The terminal app: forwards the request to `ctx.account` and streams the answer back.
+
+Reads ctx.account, ctx.endpoint, ctx.raw_body, ctx.body_patch; writes ctx.upstream_status
+and ctx.first_byte. 2xx answers are streamed to the client as they arrive (every SSE
+chunk is sent on at once); any other status is raised as `UpstreamStatus` so that the
+failover middleware can decide, before a single byte has reached the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from affinity.types import AccountSpec
+from affinity.types import Limits as SpecLimits
+from gateway.config import PROVIDER_ENDPOINTS, AccountConfig, Timeouts
+from gateway.context import RequestContext
+from gateway.errors import UpstreamError, UpstreamStatus, UpstreamTimeout
+
+log = logging.getLogger(__name__)
+
+ANTHROPIC_VERSION = "2023-06-01"
+# Bounded read of a provider's error body: it is only used to pick a message.
+MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """An upstream account, everything precomputed. Its key lives only in `auth`."""
+
+    name: str
+    provider: str
+    spec: AccountSpec
+    urls: Mapping[str, str]  # endpoint path -> absolute URL
+    auth: tuple[tuple[str, str], ...] = field(repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: AccountConfig) -> Account:
+        base = cfg.base_url.rstrip("/")
+        if cfg.provider == "anthropic":
+            auth: tuple[tuple[str, str], ...] = (("x-api-key", cfg.api_key),)
+        else:
+            auth = (("authorization", f"Bearer {cfg.api_key}"),)
+        lim = cfg.limits
+        spec = AccountSpec(
+            name=cfg.name,
+            cache_domain=cfg.cache_domain or cfg.name,
+            weight=cfg.weight,
+            limits=SpecLimits(
+                rpm=lim.rpm, itpm=lim.itpm, otpm=lim.otpm, concurrency=lim.concurrency
+            ),
+            # Anthropic does not count cache reads against the input-token limit.
+            itpm_counts_cached=cfg.provider != "anthropic",
+        )
+        urls = {ep: f"{base}/{ep}" for ep in PROVIDER_ENDPOINTS[cfg.provider]}
+        return cls(cfg.name, cfg.provider, spec, urls, auth)
+
+    def speaks(self, endpoint: str) -> bool:
+        return endpoint in self.urls
+
+
+# Never forwarded: credentials, cookies, hop-by-hop headers, and what the gateway sets.
+_DROP = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        "host",
+        "content-length",
+        "accept-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "openai-organization",
+        "openai-project",
+        "anthropic-dangerous-direct-browser-access",
+    }
+)
+# Substrings that mark a header as a credential whatever its exact name.
+_SECRET_HINTS = ("auth", "key", "token", "secret", "cookie", "session", "password")
+_forward_cache: dict[bytes, str | None] = {}
+
+
+def _forward_name(raw: bytes) -> str | None:
+    """The header name to forward, or None to drop it. Decisions are memoised per name."""
+    try:
+        return _forward_cache[raw]
+    except KeyError:
+        pass
+    name = raw.decode("latin-1").lower()
+    keep = name not in _DROP and not any(h in name for h in _SECRET_HINTS)
+    result = name if keep else None
+    if len(_forward_cache) < 4096:  # header names are few; never let a client grow this
+        _forward_cache[raw] = result
+    return result
+
+
+def forward_headers(
+    client: Iterable[tuple[bytes, bytes]], account: Account
+) -> list[tuple[str, str]]:
+    """Client headers safe to pass on, plus the account's credentials."""
+    named_by_connection: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for raw_name, raw_value in client:
+        if raw_name == b"connection":
+            named_by_connection.update(
+                t.strip().lower() for t in raw_value.decode("latin-1").split(",")
+            )
+            continue
+        name = _forward_name(raw_name)
+        if name is not None:
+            out.append((name, raw_value.decode("latin-1")))
+    if named_by_connection:
+        out = [(n, v) for n, v in out if n not in named_by_connection]
+    out.extend(account.auth)
+    if account.provider == "anthropic" and not any(n == "anthropic-version" for n, _ in out):
+        out.append(("anthropic-version", ANTHROPIC_VERSION))
+    out.append(("accept-encoding", "identity"))  # metering reads the bytes as they pass
+    return out
+
+
+def patched_body(raw: bytes, patch: Mapping[str, Any], parsed: Mapping[str, Any]) -> bytes:
+    """The body to send: the client's bytes, unless top-level fields must change.
+
+    Fields the body does not have yet are spliced in front (no re-encode of a
+    50 KB prompt); changing an existing field re-encodes once.
+    """
+    if not patch:
+        return raw
+    if any(k in parsed for k in patch):
+        merged = dict(parsed)
+        merged.update(patch)
+        return orjson.dumps(merged)
+    head = orjson.dumps(patch)  # b'{"k":v,...}'
+    start = raw.index(b"{") + 1
+    rest = raw[start:].lstrip()
+    sep = b"" if rest.startswith(b"}") else b","
+    return head[:-1] + sep + rest
+
+
+# Response headers worth passing back; the rest describe the account, not the caller.
+_PASS_BACK = {
+    b"content-type": b"content-type",
+    b"x-request-id": b"x-upstream-request-id",
+    b"request-id": b"x-upstream-request-id",
+    b"openai-processing-ms": b"openai-processing-ms",
+}
+
+
+class UpstreamClient:
+    """The one pooled aiohttp session of the app, opened by the lifespan."""
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # per-account concurrency is the pinning layer's job, not a hidden queue
+            ttl_dns_cache=300,
+            enable_cleanup_closed=False,
+            keepalive_timeout=30,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=self.timeouts.total, sock_connect=self.timeouts.connect
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not awaited")
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _error_message(status: int, body: bytes) -> str:
+    """A provider's error message, redacted: only its type and a known-safe summary."""
+    kind = ""
+    try:
+        doc = orjson.loads(body)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict):
+            kind = str(err.get("type") or err.get("code") or "")[:64]
+    except orjson.JSONDecodeError:
+        pass
+    suffix = f" ({kind})" if kind.isidentifier() else ""
+    return f"the upstream provider answered {status}{suffix}"
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+class UpstreamApp:
+    """Terminal ASGI app of the proxy chain."""
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self.client = client
+        self.first_byte_timeout = client.timeouts.first_byte
+        self.idle_timeout = client.timeouts.idle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = RequestContext.of(scope)
+        account = ctx.account
+        assert account is not None and ctx.endpoint is not None
+        url = account.urls[ctx.endpoint.value]
+        body = patched_body(ctx.raw_body, ctx.body_patch, ctx.body)
+        headers = forward_headers(scope["headers"], account)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.first_byte_timeout):
+                resp = await self.client.session.post(url, data=body, headers=headers)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"account {account.name}: no response before the deadline"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"account {account.name}: connection failed ({type(exc).__name__})"
+            ) from None
+        try:
+            ctx.upstream_status = resp.status
+            if resp.status >= 300:
+                raw = await resp.content.read(MAX_ERROR_BODY)
+                raise UpstreamStatus(
+                    resp.status,
+                    _error_message(resp.status, raw),
+                    retry_after=_retry_after(resp.headers),
+                )
+            out_headers = [
+                (_PASS_BACK[k], v) for k, v in resp.raw_headers if k.lower() in _PASS_BACK
+            ]
+            ctype = resp.headers.get("content-type", "")
+            if ctype.startswith("text/event-stream"):
+                out_headers.append((b"cache-control", b"no-cache"))
+                out_headers.append((b"x-accel-buffering", b"no"))  # nginx in front must not buffer
+                await send(
+                    {"type": "http.response.start", "status": resp.status, "headers": out_headers}
+                )
+                ctx.first_byte = time.perf_counter()
+                async with asyncio.timeout(self.idle_timeout) as idle:
+                    async for chunk in resp.content.iter_any():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        idle.reschedule(loop.time() + self.idle_timeout)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await resp.read()
+                out_headers.append((b"content-length", str(len(data)).encode()))
+                await send(
+                    {"type": "http.response.start", "status": resp.status, "headers": out_headers}
+                )
+                ctx.first_byte = time.perf_counter()
+                await send({"type": "http.response.body", "body": data, "more_body": False})
+        except TimeoutError:
+            raise UpstreamTimeout(f"account {account.name}: the stream stalled") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"account {account.name}: the connection broke ({type(exc).__name__})"
+            ) from None
+        finally:
+            # A response read to its end returns its connection to the pool; anything
+            # else (error, cancel, client gone) closes it so the provider stops work.
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()

@@ -1,0 +1,186 @@
+"""Meter every proxied request. Reads what the upstream sends back, ctx.route, ctx.account;
+writes ctx.usage, ctx.cost and ctx.body_patch["stream_options"].
+
+Usage is read from the response as it passes, never by buffering a stream: JSON
+bodies get `usage.cost` / `usage.cache_discount` and `X-Upstream-Cache-Read` /
+`X-Upstream-Cache-Write` headers; SSE streams are parsed event by event. For an
+OpenAI chat stream the provider is asked for its usage chunk; when the caller did
+not ask for it, that chunk is removed from the caller's stream and nothing else
+changes. A stream cut before its usage is recorded as estimated, never as zero.
+Metering never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.context import Endpoint, RequestContext
+from gateway.metrics import Metrics
+from gateway.pricing import Price, cost
+from gateway.sse import SSEParser
+from gateway.usage import (
+    StreamUsage,
+    Usage,
+    add_usage_fields,
+    add_usage_fields_to_event,
+    usage_from_body,
+)
+
+log = logging.getLogger(__name__)
+
+_USAGE_KIND = {Endpoint.CHAT: "chat", Endpoint.MESSAGES: "messages"}
+_FREE = Price()
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class MeteringMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, prices: Mapping[str, Price]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.prices = dict(prices)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = RequestContext.of(scope)
+        kind = _USAGE_KIND.get(ctx.endpoint) if ctx.endpoint is not None else None
+        status = 500
+        held: Message | None = None  # a JSON response's start, held until its body is priced
+        body_parts: list[bytes] = []
+        stream: StreamUsage | None = None
+        parser: SSEParser | None = None
+        drop_usage_chunk = False
+        streamed = 0
+
+        def price(usage: Usage) -> dict[str, Any]:
+            route = ctx.route
+            p = self.prices.get(ctx.model, _FREE)
+            c = cost(usage, p, route.multiplier if route else 1.0)
+            ctx.cost = c.cost
+            ctx.cache_discount = c.cache_discount
+            return {"cost": round(c.cost, 8), "cache_discount": round(c.cache_discount, 8)}
+
+        async def send_metering(message: Message) -> None:
+            nonlocal status, held, stream, parser, streamed
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.get("headers", ())
+                sse = any(
+                    k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
+                )
+                if status >= 300 or kind is None or ctx.account is None:
+                    await send(message)
+                elif sse:
+                    stream = StreamUsage(ctx.account.provider, kind)  # type: ignore[arg-type]
+                    parser = SSEParser()
+                    await send(message)
+                else:
+                    held = message
+                return
+            if held is not None:
+                body_parts.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                start, body = self._priced_json(ctx, held, b"".join(body_parts), price)
+                held = None
+                await send(start)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            if parser is None or stream is None:
+                await send(message)
+                return
+            out: list[bytes] = []
+            for event in parser.feed(message.get("body", b"")):
+                stream.feed(event)
+                streamed += len(event.data)
+                if drop_usage_chunk and stream.is_usage_only_chunk(event):
+                    continue
+                usage = stream.result()
+                if usage is not None and b'"usage"' in event.data:
+                    ctx.usage = usage
+                    out.append(add_usage_fields_to_event(event, price(usage)))
+                else:
+                    out.append(event.raw)
+            if not message.get("more_body", False):
+                out.append(parser.flush())
+            more = message.get("more_body", False)
+            await send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
+
+        if kind == "chat" and ctx.stream:
+            opts = ctx.body.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
+                merged = dict(opts) if isinstance(opts, dict) else {}
+                merged["include_usage"] = True
+                ctx.body_patch["stream_options"] = merged
+                drop_usage_chunk = True
+        try:
+            await self.app(scope, receive, send_metering)
+        except BaseException as exc:
+            status = getattr(exc, "status", 500)
+            raise
+        finally:
+            if stream is not None and ctx.usage is None:
+                ctx.usage = stream.estimate(ctx.tokens_estimate, streamed)
+                price(ctx.usage)
+            self._count(ctx, status)
+
+    @staticmethod
+    def _priced_json(
+        ctx: RequestContext, start: Message, body: bytes, price: Callable[[Usage], dict[str, Any]]
+    ) -> tuple[Message, bytes]:
+        """The start and body of a JSON answer with its usage priced (one parse, one dump)."""
+        assert ctx.account is not None and ctx.endpoint is not None
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return start, body
+        if not isinstance(doc, dict):
+            return start, body
+        kind = _USAGE_KIND[ctx.endpoint]
+        usage = usage_from_body(ctx.account.provider, kind, doc)  # type: ignore[arg-type]
+        if usage is None:
+            return start, body
+        ctx.usage = usage
+        body = add_usage_fields(doc, price(usage))
+        headers = [(k, v) for k, v in start.get("headers", ()) if k != b"content-length"]
+        headers += [
+            (b"content-length", str(len(body)).encode()),
+            (b"x-upstream-cache-read", str(usage.cached_tokens).encode()),
+            (b"x-upstream-cache-write", str(usage.cache_write_tokens).encode()),
+        ]
+        return {**start, "headers": headers}, body
+
+    def _count(self, ctx: RequestContext, status: int) -> None:
+        m = self.metrics
+        group = ctx.route.group if ctx.route else (ctx.plan[0].group if ctx.plan else "")
+        endpoint = ctx.endpoint.value if ctx.endpoint else ""
+        m.requests.labels(endpoint, group, ctx.model, _status_class(status)).inc()
+        now = time.perf_counter()
+        m.request_seconds.labels(endpoint, group).observe(now - ctx.started)
+        if ctx.first_byte is not None:
+            m.ttfb_seconds.labels(endpoint, group).observe(ctx.first_byte - ctx.started)
+        usage = ctx.usage
+        if usage is None or ctx.account is None:
+            return
+        account = ctx.account.name
+        m.prompt_tokens.labels(group, ctx.model, account).inc(usage.prompt_tokens)
+        m.cached_tokens.labels(group, ctx.model, account).inc(usage.cached_tokens)
+        m.cache_write_tokens.labels(group, ctx.model, account).inc(usage.cache_write_tokens)
+        m.completion_tokens.labels(group, ctx.model, account).inc(usage.completion_tokens)
+        if usage.estimated:
+            m.usage_estimated.labels(group, ctx.model).inc()
+        if ctx.cost is not None:
+            m.cost.labels(group, ctx.model).inc(ctx.cost)
+            # Discounts can be negative (a cache write costs more than it saved yet), and
+            # counters only grow: export the no-cache price; savings = it - cost.
+            m.uncached_cost.labels(group, ctx.model).inc(ctx.cost + ctx.cache_discount)

@@ -1,0 +1,105 @@
+"""Choose the accounts to try. Reads ctx.plan, ctx.fingerprint, ctx.demand; writes
+ctx.route, ctx.choice, ctx.candidates (and ctx.body_patch["prompt_cache_key"]).
+
+For each group of the plan in turn the affinity router orders the pool's accounts:
+the one holding the longest live prefix with headroom, else the rendezvous order of
+the prompt's root. When failover exhausts a group, the next group of the plan is
+tried. When no group has an account with headroom, the caller gets 429 naming the
+group whose upstream is saturated, with Retry-After.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from affinity.router import AffinityRouter
+from gateway.context import Endpoint, RequestContext
+from gateway.errors import GatewayError, RateLimited, RouteExhausted
+from gateway.health import Health
+from gateway.metrics import Metrics
+from gateway.upstream import Account
+
+# Endpoints where OpenAI takes a cache-routing hint; sent only when the caller did not.
+_CACHE_KEY_ENDPOINTS = frozenset({Endpoint.CHAT})
+
+
+class PinningMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        router: AffinityRouter,
+        pools: Mapping[str, Sequence[Account]],
+        health: Health,
+        metrics: Metrics,
+    ) -> None:
+        self.app = app
+        self.router = router
+        self.health = health
+        self.metrics = metrics
+        # (pool, endpoint) -> the accounts that speak it, and their affinity specs.
+        self._members: dict[tuple[str, str], tuple[tuple[Account, ...], dict[str, Account]]] = {}
+        for pool, accounts in pools.items():
+            for endpoint in Endpoint:
+                members = tuple(a for a in accounts if a.speaks(endpoint.value))
+                self._members[pool, endpoint.value] = (members, {a.name: a for a in members})
+
+    def _healthy(self, name: str) -> bool:
+        return self.health.available(name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = RequestContext.of(scope)
+        assert ctx.endpoint is not None and ctx.fingerprint is not None and ctx.demand is not None
+        assert ctx.principal is not None
+        last: GatewayError | None = None
+        retry_after: float | None = None
+        saturated: str | None = None
+        for step, route in enumerate(ctx.plan):
+            members, by_name = self._members[route.pool, ctx.endpoint.value]
+            mode = route.affinity if ctx.fingerprint.hashes else "off"
+            choice = await self.router.choose(
+                [a.spec for a in members],
+                ctx.fingerprint,
+                ctx.demand,
+                mode=mode,
+                token=ctx.principal.token,
+                healthy=lambda spec: self._healthy(spec.name),
+            )
+            if not choice.candidates:
+                self.metrics.decisions.labels(route.group, "saturated").inc()
+                saturated = saturated or route.group
+                if choice.retry_after is not None:
+                    retry_after = min(retry_after or choice.retry_after, choice.retry_after)
+                continue
+            reason = "fallback_group" if step else choice.reason
+            self.metrics.decisions.labels(route.group, reason).inc()
+            ctx.route = route
+            ctx.choice = choice
+            ctx.candidates = tuple(by_name[s.name] for s in choice.candidates)
+            if (
+                ctx.endpoint in _CACHE_KEY_ENDPOINTS
+                and mode != "off"
+                and "prompt_cache_key" not in ctx.body
+                and all(a.provider == "openai" for a in ctx.candidates)
+            ):
+                # OpenAI routes its own cache by this key: give one conversation family one key.
+                ctx.body_patch["prompt_cache_key"] = f"ag-{ctx.fingerprint.root:016x}"
+            try:
+                await self.app(scope, receive, send)
+                return
+            except RouteExhausted as exc:
+                last = exc.last
+                ctx.body_patch.pop("prompt_cache_key", None)
+        if last is not None:
+            raise last
+        group = saturated or (ctx.plan[0].group if ctx.plan else "?")
+        raise RateLimited(
+            f"the upstream of group {group!r} is saturated; retry later",
+            retry_after=retry_after if retry_after is not None else 1.0,
+            code="upstream_saturated",
+        )

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import AccountConfig
+from gateway.upstream import Account, forward_headers, patched_body
+
+
+def account(provider: str = "openai") -> Account:
+    return Account.from_config(
+        AccountConfig(
+            name="a", provider=provider, base_url="http://127.0.0.1:1/v1/", api_key="sk-account"
+        )  # type: ignore[arg-type]
+    )
+
+
+def test_client_credentials_and_hop_by_hop_are_dropped() -> None:
+    client = [
+        (b"authorization", b"Bearer sk-client"),
+        (b"x-api-key", b"sk-client"),
+        (b"cookie", b"session=1"),
+        (b"connection", b"keep-alive, x-custom-hop"),
+        (b"x-custom-hop", b"1"),
+        (b"transfer-encoding", b"chunked"),
+        (b"x-goog-api-key", b"g"),
+        (b"x-my-auth-token", b"t"),
+        (b"content-type", b"application/json"),
+        (b"anthropic-beta", b"prompt-caching"),
+    ]
+    out = dict(forward_headers(client, account()))
+    assert out["authorization"] == "Bearer sk-account"
+    assert "sk-client" not in repr(out)
+    for dropped in (
+        "cookie",
+        "x-custom-hop",
+        "transfer-encoding",
+        "x-goog-api-key",
+        "x-my-auth-token",
+        "x-api-key",
+    ):
+        assert dropped not in out
+    assert out["content-type"] == "application/json"
+    assert out["anthropic-beta"] == "prompt-caching"
+
+
+def test_anthropic_accounts_use_x_api_key_and_a_version() -> None:
+    out = dict(forward_headers([(b"authorization", b"Bearer sk-client")], account("anthropic")))
+    assert out["x-api-key"] == "sk-account"
+    assert "authorization" not in out
+    assert out["anthropic-version"]
+
+
+def test_account_repr_hides_the_key() -> None:
+    assert "sk-account" not in repr(account())
+
+
+def test_unpatched_body_is_forwarded_byte_exact() -> None:
+    raw = b'{ "model" : "m",  "messages": [] }'
+    assert patched_body(raw, {}, orjson.loads(raw)) is raw
+
+
+def test_new_fields_are_spliced_without_reencoding() -> None:
+    raw = b'{ "model" : "m",  "messages": [] }'
+    out = patched_body(raw, {"stream_options": {"include_usage": True}}, orjson.loads(raw))
+    assert out.endswith(b'"model" : "m",  "messages": [] }')
+    assert orjson.loads(out) == {
+        "model": "m",
+        "messages": [],
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_existing_field_is_replaced() -> None:
+    raw = b'{"model":"m","stream_options":{"x":1}}'
+    out = patched_body(raw, {"stream_options": {"x": 1, "include_usage": True}}, orjson.loads(raw))
+    assert orjson.loads(out)["stream_options"] == {"x": 1, "include_usage": True}
+
+
+def test_splice_into_empty_object() -> None:
+    assert orjson.loads(patched_body(b" {} ", {"a": 1}, {})) == {"a": 1}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(st.text(max_size=8), json_values, max_size=5),
+    st.dictionaries(st.text(max_size=8), json_values, min_size=1, max_size=3),
+)
+def test_patched_body_equals_merge(body: dict[str, object], patch: dict[str, object]) -> None:
+    raw = orjson.dumps(body)
+    assert orjson.loads(patched_body(raw, patch, body)) == {**body, **patch}
