@@ -37,9 +37,6 @@ class Demand:
 
     input_tokens: int
     output_tokens: int
-    # Expected cache read on the chosen account (the router fills it from the choice);
-    # it is not counted against input TPM where the account does not count cache reads.
-    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +48,7 @@ class Outcome:
     cached_tokens: int
     cache_write_tokens: int
     output_tokens: int
-    expected_cached_tokens: int
-    # What begin() counted, so end() can swap the estimate for the real figures;
-    # without it the estimate stays in the windows.
-    demand: Demand | None = None
-    started_at: float = 0.0
+    expected_cached_tokens: int  # 0 when the caller expected no hit or cannot tell
 
 
 @dataclass(frozen=True, slots=True)

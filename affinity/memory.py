@@ -1,0 +1,243 @@
+"""In-process affinity state: the default, and Redis's fallback.
+
+Pins: one bounded LRU keyed by block hash, each entry mapping cache domains to the
+time the provider's copy expires (sliding: every admitted request pushes it out), plus
+an exponentially decayed request rate through that block. A request pins every block
+from its first cacheable one, deepest first, so along one chain a shallower block is
+never less live, less busy or less recently used than a deeper one; that is what lets
+lookups binary-search a chain instead of walking it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from affinity.fingerprint import Fingerprint
+from affinity.state import Admitted, HeaderBook, Ledger, counted_input, should_unpin
+from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, Snapshot
+from affinity.window import SlidingWindow
+
+WINDOW_BUCKETS = 30
+
+
+class _Pin:
+    __slots__ = ("domains", "rate", "rate_at")
+
+    def __init__(self) -> None:
+        self.domains: dict[str, float] = {}  # cache domain -> expiry
+        self.rate = 0.0  # decayed request count, as of rate_at
+        self.rate_at = 0.0
+
+
+class MemoryState:
+    def __init__(
+        self,
+        *,
+        ttl_seconds: float = 300.0,
+        window_seconds: float = 60.0,
+        max_pins: int = 1_000_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.window_seconds = window_seconds
+        self.max_pins = max_pins
+        self._clock = clock
+        self._pins: OrderedDict[int, _Pin] = OrderedDict()
+        self._windows: dict[str, SlidingWindow] = {}
+        self._in_flight: dict[str, int] = {}
+        self._ledger = Ledger()
+        self._headers = HeaderBook()
+
+    def now(self) -> float:
+        return self._clock()
+
+    def pin_count(self) -> int:
+        return len(self._pins)
+
+    # --- pins -------------------------------------------------------------------------
+
+    def _live(self, fp: Fingerprint, index: int, domain: str, now: float) -> bool:
+        pin = self._pins.get(fp.hashes[index])
+        return pin is not None and pin.domains.get(domain, 0.0) > now
+
+    def _deepest_live(self, fp: Fingerprint, domain: str, now: float) -> int:
+        """Index of the deepest block live in ``domain``, or -1."""
+        lo, hi = fp.pin_from, len(fp.hashes) - 1
+        if lo > hi or not self._live(fp, lo, domain, now):
+            return -1
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if self._live(fp, mid, domain, now):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def match(self, fp: Fingerprint, domain: str, now: float) -> int:
+        """Tokens of ``fp`` the provider should still hold in ``domain``'s cache."""
+        index = self._deepest_live(fp, domain, now)
+        return fp.tokens[index] if index >= 0 else 0
+
+    def _rate(self, pin: _Pin, now: float) -> float:
+        return pin.rate * math.exp((pin.rate_at - now) / self.window_seconds)
+
+    def _rate_at(self, fp: Fingerprint, index: int, now: float) -> float:
+        pin = self._pins.get(fp.hashes[index])
+        return self._rate(pin, now) if pin is not None else 0.0
+
+    def _shared_index(self, fp: Fingerprint, root_rate: float, now: float) -> int:
+        """Deepest block still carrying half the root's traffic: the end of the shared part."""
+        lo, hi = fp.pin_from, len(fp.hashes) - 1
+        floor = root_rate / 2.0
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if self._rate_at(fp, mid, now) >= floor:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _pin(self, fp: Fingerprint, domain: str, expires: float, now: float) -> None:
+        pins = self._pins
+        decay_window = self.window_seconds
+        for index in range(len(fp.hashes) - 1, fp.pin_from - 1, -1):
+            key = fp.hashes[index]
+            pin = pins.get(key)
+            if pin is None:
+                pin = pins[key] = _Pin()
+            else:
+                pins.move_to_end(key)
+            if pin.domains.get(domain, 0.0) < expires:
+                pin.domains[domain] = expires
+            pin.rate = pin.rate * math.exp((pin.rate_at - now) / decay_window) + 1.0
+            pin.rate_at = now
+        while len(pins) > self.max_pins:
+            pins.popitem(last=False)
+
+    def _unpin(self, fp: Fingerprint, domain: str) -> None:
+        for index in range(fp.pin_from, len(fp.hashes)):
+            pin = self._pins.get(fp.hashes[index])
+            if pin is not None:
+                pin.domains.pop(domain, None)
+
+    # --- the protocol -----------------------------------------------------------------
+
+    async def snapshot(
+        self, accounts: Sequence[AccountSpec], fp: Fingerprint, now: float
+    ) -> Snapshot:
+        return self.snapshot_now(accounts, fp, now)
+
+    def snapshot_now(
+        self, accounts: Sequence[AccountSpec], fp: Fingerprint, now: float
+    ) -> Snapshot:
+        matched: dict[str, int] = {}
+        root_rate = 0.0
+        shared = -1
+        if fp.pin_from < len(fp.hashes):
+            root = self._pins.get(fp.hashes[fp.pin_from])
+            if root is not None:
+                by_domain: dict[str, int] = {}
+                for domain, expires in root.domains.items():
+                    if expires > now:
+                        by_domain[domain] = self.match(fp, domain, now)
+                if by_domain:
+                    for account in accounts:
+                        tokens = by_domain.get(account.cache_domain)
+                        if tokens:
+                            matched[account.name] = tokens
+                root_rate = self._rate(root, now) * 60.0 / self.window_seconds
+                shared = self._shared_index(fp, root_rate, now)
+        load = {account.name: self._load(account.name, now) for account in accounts}
+        return Snapshot(
+            matched=matched,
+            load=load,
+            root_rate=root_rate,
+            shared_index=shared,
+            window_seconds=self.window_seconds,
+        )
+
+    def _load(self, name: str, now: float) -> AccountLoad:
+        window = self._windows.get(name)
+        requests, input_tokens, output_tokens = window.totals(now) if window else (0, 0, 0)
+        reading = self._headers.get(name, now)
+        if reading is None:
+            return AccountLoad(requests, input_tokens, output_tokens, self._in_flight.get(name, 0))
+        return AccountLoad(
+            requests,
+            input_tokens,
+            output_tokens,
+            self._in_flight.get(name, 0),
+            reading.remaining_requests,
+            reading.remaining_tokens,
+            reading.until - now,
+        )
+
+    def _window(self, name: str) -> SlidingWindow:
+        window = self._windows.get(name)
+        if window is None:
+            window = self._windows[name] = SlidingWindow(self.window_seconds, WINDOW_BUCKETS)
+        return window
+
+    async def begin(
+        self,
+        account: AccountSpec,
+        fp: Fingerprint,
+        demand: Demand,
+        now: float,
+        *,
+        ttl_seconds: float | None = None,
+    ) -> None:
+        self.begin_now(account, fp, demand, now, ttl_seconds=ttl_seconds)
+
+    def begin_now(
+        self,
+        account: AccountSpec,
+        fp: Fingerprint,
+        demand: Demand,
+        now: float,
+        *,
+        ttl_seconds: float | None = None,
+    ) -> None:
+        domain = account.cache_domain
+        expected = 0 if account.itpm_counts_cached else self.match(fp, domain, now)
+        input_tokens = counted_input(account, demand.input_tokens, expected)
+        self._window(account.name).add(now, 1, input_tokens, demand.output_tokens)
+        self._in_flight[account.name] = self._in_flight.get(account.name, 0) + 1
+        self._ledger.push(account.name, fp, Admitted(input_tokens, demand.output_tokens, now))
+        ttl = ttl_seconds if ttl_seconds is not None else (fp.cache_ttl or self.ttl_seconds)
+        self._pin(fp, domain, now + ttl, now)
+
+    async def end(self, account: AccountSpec, fp: Fingerprint, result: Outcome, now: float) -> None:
+        self.end_now(account, fp, result, now)
+
+    def end_now(self, account: AccountSpec, fp: Fingerprint, result: Outcome, now: float) -> None:
+        admitted = self._ledger.pop(account.name, fp)
+        if admitted is not None:
+            self._in_flight[account.name] = max(0, self._in_flight.get(account.name, 0) - 1)
+            real_input = counted_input(account, result.input_tokens, result.cached_tokens)
+            self._window(account.name).adjust(
+                admitted.at,
+                now,
+                real_input - admitted.input_tokens,
+                result.output_tokens - admitted.output_tokens,
+            )
+        if should_unpin(fp, result):
+            self._unpin(fp, account.cache_domain)
+
+    def observe_headers(
+        self,
+        account: AccountSpec,
+        remaining_requests: int | None,
+        remaining_tokens: int | None,
+        reset_seconds: float | None,
+        now: float,
+    ) -> None:
+        self._headers.observe(
+            account.name, remaining_requests, remaining_tokens, reset_seconds, now
+        )
+
+    async def aclose(self) -> None:
+        self._pins.clear()

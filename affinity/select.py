@@ -1,0 +1,291 @@
+"""The routing decision: longest live prefix with headroom, else rendezvous on the root.
+
+Pure: everything it knows about the world comes in a Snapshot, so replicas that read
+the same state decide the same way, and tests need no back-end.
+
+An account is eligible when its window use plus this request stays within ``alpha`` of
+every limit it has (an idle account may take one request up to the full limit, so a
+request larger than ``alpha`` of a limit is not refused forever). Among the eligible:
+
+- the longest live match of at least ``min_tokens`` wins (ties: rendezvous order);
+- otherwise the root's rendezvous (HRW) order decides, skipping accounts already
+  carrying more than ``balance`` times their weighted share of the pool's window
+  tokens (bounded-load consistent hashing: affinity is kept, hot spots are not);
+- a hot root - more traffic than ``hot_share`` of one account can take - is spread over
+  its top-k rendezvous accounts, each conversation kept on one of them by a second
+  hash of its first own block (the block after the part it shares with the crowd).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from affinity.fingerprint import Fingerprint
+from affinity.rendezvous import key_of, rank
+from affinity.types import IDLE, AccountSpec, Demand, Snapshot
+
+Mode = Literal["prefix", "session", "fixed", "off"]
+REASONS = (
+    "longest_match",
+    "rendezvous",
+    "session",
+    "fixed",
+    "hot_spread",
+    "spill_headroom",
+    "round_robin",
+    "saturated",
+)
+# With no better estimate, a request slot is expected to free up this soon.
+CONCURRENCY_RETRY_SECONDS = 1.0
+MIN_RETRY_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    candidates: tuple[AccountSpec, ...]  # [0] is the pick, then the failover order
+    reason: str
+    matched_tokens: int  # expected cache read on candidates[0]
+    retry_after: float | None  # when saturated: seconds until some account has headroom
+
+
+class Selector:
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.8,
+        min_tokens: int = 1024,
+        hot_rate_per_account: float | None = None,
+        hot_share: float = 0.5,
+        balance: float | None = 1.25,
+    ) -> None:
+        """
+        hot_rate_per_account: requests per minute of one root that one account should
+        take, for accounts whose limits do not say (None: only limits decide).
+        hot_share: share of one account's limits a single root may use before spreading.
+        balance: bound on an account's window tokens per weight, relative to the pool's
+        mean, for placing prefixes no account holds yet (None: pure rendezvous).
+        """
+        self.alpha = alpha
+        self.min_tokens = min_tokens
+        self.hot_rate_per_account = hot_rate_per_account
+        self.hot_share = hot_share
+        self.balance = balance
+        self._rr: dict[str, float] = {}  # smooth weighted round-robin credit per account
+
+    def choose(
+        self,
+        accounts: Sequence[AccountSpec],
+        fp: Fingerprint,
+        demand: Demand,
+        snap: Snapshot,
+        *,
+        mode: Mode,
+        token: str | None = None,
+        healthy: Callable[[AccountSpec], bool] | None = None,
+    ) -> Choice:
+        pool = list(accounts) if healthy is None else [a for a in accounts if healthy(a)]
+        if mode == "off":
+            eligible = [a for a in pool if self.fits(a, demand, snap)]
+            if not eligible:
+                return self._saturated(pool, demand, snap)
+            return self._round_robin(eligible, snap)
+
+        if mode == "fixed" and token is not None:
+            key = key_of(token)
+        elif mode == "session" and fp.session is not None:
+            key = key_of(fp.session)
+        else:
+            key = fp.root
+        order = rank(key, pool)
+        eligible = [a for a in order if self.fits(a, demand, snap)]
+        if not eligible:
+            return self._saturated(pool, demand, snap)
+        matched = snap.matched
+
+        if mode == "fixed":
+            pick = eligible[0]
+            reason = "fixed" if pick is order[0] else "spill_headroom"
+            return _choice(pick, eligible, reason, matched.get(pick.name, 0))
+
+        best = max(eligible, key=lambda a: matched.get(a.name, 0))  # first of equals: HRW
+        best_tokens = matched.get(best.name, 0)
+
+        if mode == "prefix":
+            spread = self._spread(order, eligible, fp, demand, snap, best, best_tokens)
+            if spread is not None:
+                return spread
+
+        if best_tokens >= self.min_tokens:
+            return _choice(best, eligible, "longest_match", best_tokens)
+        pick = self._placement(pool, eligible, snap)
+        if pick is not order[0]:
+            reason = "spill_headroom"
+        elif mode == "session" and fp.session is not None:
+            reason = "session"
+        else:
+            reason = "rendezvous"
+        return _choice(pick, eligible, reason, matched.get(pick.name, 0))
+
+    # --- headroom -----------------------------------------------------------------------
+
+    def fits(self, account: AccountSpec, demand: Demand, snap: Snapshot) -> bool:
+        """Would this request keep the account within alpha of every limit it has?"""
+        load = snap.load.get(account.name, IDLE)
+        input_tokens = self._counted(account, demand, snap)
+        if load.remaining_requests is not None and load.remaining_requests <= 0:
+            return False
+        if load.remaining_tokens is not None and load.remaining_tokens < input_tokens:
+            return False
+        limits = account.limits
+        alpha = self.alpha
+        return (
+            (limits.rpm is None or _room(load.requests, 1, limits.rpm, alpha))
+            and (limits.itpm is None or _room(load.input_tokens, input_tokens, limits.itpm, alpha))
+            and (
+                limits.otpm is None
+                or _room(load.output_tokens, demand.output_tokens, limits.otpm, alpha)
+            )
+            and (limits.concurrency is None or _room(load.in_flight, 1, limits.concurrency, alpha))
+        )
+
+    @staticmethod
+    def _counted(account: AccountSpec, demand: Demand, snap: Snapshot) -> int:
+        if account.itpm_counts_cached:
+            return demand.input_tokens
+        # The live match is the cache read we expect; reads are not counted there.
+        return max(0, demand.input_tokens - snap.matched.get(account.name, 0))
+
+    def _saturated(self, pool: list[AccountSpec], demand: Demand, snap: Snapshot) -> Choice:
+        waits = [self._wait(a, demand, snap) for a in pool]
+        finite = [w for w in waits if w is not None]
+        retry = max(min(finite), MIN_RETRY_SECONDS) if finite else None
+        return Choice((), "saturated", 0, retry)
+
+    def _wait(self, account: AccountSpec, demand: Demand, snap: Snapshot) -> float | None:
+        """Seconds until the account should fit this request; None if it never will."""
+        load = snap.load.get(account.name, IDLE)
+        limits = account.limits
+        window = snap.window_seconds
+        wait = 0.0
+        if (load.remaining_requests is not None and load.remaining_requests <= 0) or (
+            load.remaining_tokens is not None and load.remaining_tokens <= 0
+        ):
+            wait = load.reset_in
+        for used, need, limit in (
+            (load.requests, 1, limits.rpm),
+            (load.input_tokens, self._counted(account, demand, snap), limits.itpm),
+            (load.output_tokens, demand.output_tokens, limits.otpm),
+        ):
+            if limit is None or _room(used, need, limit, self.alpha):
+                continue
+            if need > limit:
+                return None
+            # Window use decays as its oldest entries age out; assume they are spread evenly.
+            excess = min(used + need - self.alpha * limit, used)
+            wait = max(wait, window * excess / used)
+        if limits.concurrency is not None and not _room(
+            load.in_flight, 1, limits.concurrency, self.alpha
+        ):
+            wait = max(wait, CONCURRENCY_RETRY_SECONDS)
+        return wait
+
+    # --- placement ----------------------------------------------------------------------
+
+    def _placement(
+        self, pool: list[AccountSpec], eligible: list[AccountSpec], snap: Snapshot
+    ) -> AccountSpec:
+        """First eligible account in HRW order that is not over its share of the load."""
+        if self.balance is None or len(eligible) == 1:
+            return eligible[0]
+        load = snap.load
+        total = sum(load.get(a.name, IDLE).input_tokens for a in pool)
+        weight = sum(a.weight for a in pool)
+        if total <= 0 or weight <= 0:
+            return eligible[0]
+        per_weight = self.balance * total / weight
+        for account in eligible:
+            if load.get(account.name, IDLE).input_tokens <= per_weight * account.weight:
+                return account
+        return eligible[0]
+
+    def _spread(
+        self,
+        order: list[AccountSpec],
+        eligible: list[AccountSpec],
+        fp: Fingerprint,
+        demand: Demand,
+        snap: Snapshot,
+        best: AccountSpec,
+        best_tokens: int,
+    ) -> Choice | None:
+        """For a hot root: the conversation's own account among the root's top k."""
+        shared = snap.shared_index
+        shared_tokens = fp.tokens[shared] if 0 <= shared < len(fp.tokens) else 0
+        k = self._hot_k(order, demand, snap, shared_tokens)
+        if k <= 1:
+            return None
+        allowed = {a.name for a in order[:k]}
+        top = [a for a in eligible if a.name in allowed]
+        if not top:
+            return None  # the whole top k lacks headroom: plain spill
+        hashes = fp.hashes
+        if fp.session is not None:
+            conversation = key_of(fp.session)
+        elif 0 <= shared < len(hashes) - 1:
+            conversation = hashes[shared + 1]
+        else:
+            conversation = hashes[-1]
+        own = rank(conversation, top)[0]
+        matched = snap.matched
+        own_tokens = matched.get(own.name, 0)
+        # A conversation whose own history is cached elsewhere stays there.
+        if best is not own and best_tokens - max(own_tokens, shared_tokens) >= self.min_tokens:
+            return _choice(best, eligible, "longest_match", best_tokens)
+        return _choice(own, eligible, "hot_spread", own_tokens)
+
+    def _hot_k(
+        self, order: list[AccountSpec], demand: Demand, snap: Snapshot, shared_tokens: int
+    ) -> int:
+        """How many accounts the root's recent traffic needs (1: not hot)."""
+        rate = snap.root_rate  # requests per minute
+        if rate <= 0.0 or len(order) <= 1:
+            return 1
+        need = 0.0
+        if self.hot_rate_per_account:
+            need = rate / self.hot_rate_per_account
+        share = self.hot_share * self.alpha
+        rpm = [a.limits.rpm for a in order if a.limits.rpm]
+        if rpm:
+            need = max(need, rate * len(rpm) / (share * sum(rpm)))
+        itpm = [a.limits.itpm for a in order if a.limits.itpm]
+        if itpm:
+            # Where cache reads are not counted, the shared part is (or soon will be) cached.
+            counts_all = any(a.itpm_counts_cached for a in order)
+            tokens = demand.input_tokens if counts_all else demand.input_tokens - shared_tokens
+            need = max(need, rate * tokens * len(itpm) / (share * sum(itpm)))
+        return min(len(order), math.ceil(need))
+
+    def _round_robin(self, eligible: list[AccountSpec], snap: Snapshot) -> Choice:
+        # Smooth weighted round-robin (as in nginx): even interleaving, weights honoured.
+        credit = self._rr
+        total = 0.0
+        pick = eligible[0]
+        for account in eligible:
+            total += account.weight
+            credit[account.name] = credit.get(account.name, 0.0) + account.weight
+            if credit[account.name] > credit[pick.name]:
+                pick = account
+        credit[pick.name] -= total
+        return _choice(pick, eligible, "round_robin", snap.matched.get(pick.name, 0))
+
+
+def _room(used: float, need: float, limit: float, alpha: float) -> bool:
+    return used + need <= alpha * limit or (used <= 0 and need <= limit)
+
+
+def _choice(pick: AccountSpec, eligible: list[AccountSpec], reason: str, matched: int) -> Choice:
+    rest = tuple(a for a in eligible if a is not pick)
+    return Choice((pick, *rest), reason, matched, None)
