@@ -50,7 +50,7 @@ MODELS = (
     ("gpt-4o", "openai"),
     ("gpt-4o-mini", "openai"),
     ("text-embedding-3-small", "openai"),
-    ("claude-sonnet-4-5", "anthropic"),
+    ("claude-sonnet-4-6", "anthropic"),
     ("claude-haiku-4-5", "anthropic"),
 )
 

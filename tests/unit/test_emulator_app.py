@@ -99,7 +99,7 @@ class Client:
         )
 
     async def messages(self, key: str = "sk-emu-0", **body: Any) -> Reply:
-        body.setdefault("model", "claude-sonnet-4-5")
+        body.setdefault("model", "claude-sonnet-4-6")
         body.setdefault("max_tokens", 8)
         body.setdefault(
             "system", [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]
@@ -302,7 +302,7 @@ async def test_count_tokens_matches_the_input_of_a_request() -> None:
     _, client, _ = make()
     usage = (await client.messages()).json()["usage"]
     body = {
-        "model": "claude-sonnet-4-5",
+        "model": "claude-sonnet-4-6",
         "system": [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}],
         "messages": [{"role": "user", "content": "hi"}],
     }

@@ -207,7 +207,7 @@ def messages_body(system: list[dict[str, Any]] | str, *turns: Any, **extra: Any)
         for i, turn in enumerate(turns or ("hello",))
     ]
     return {
-        "model": "claude-sonnet-4-5",
+        "model": "claude-sonnet-4-6",
         "max_tokens": 16,
         "system": system,
         "messages": messages,
