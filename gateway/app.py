@@ -16,7 +16,6 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from affinity.memory import MemoryState
-from affinity.redis_state import RedisState
 from affinity.router import AffinityRouter
 from affinity.select import Selector
 from affinity.state import AffinityState
@@ -120,6 +119,8 @@ class Gateway:
     def _state(config: Config) -> AffinityState:
         aff = config.affinity
         if config.state.redis_url:
+            from affinity.redis_state import RedisState  # only replicated setups need redis
+
             return RedisState(
                 config.state.redis_url,
                 ttl_seconds=aff.ttl_seconds,

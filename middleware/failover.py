@@ -16,7 +16,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from affinity.router import AffinityRouter
-from affinity.state import Outcome
+from affinity.types import Outcome
 from gateway.context import Attempt, RequestContext
 from gateway.errors import (
     ClientGone,
