@@ -1,9 +1,19 @@
 """The emulator as one pure-ASGI app: many provider accounts behind one server.
 
+API endpoints (an account's key authenticates both families; point the OpenAI SDK at
+``<url>/v1`` and the Anthropic SDK at ``<url>``):
+  POST /v1/chat/completions, /v1/embeddings, GET /v1/models    OpenAI (Bearer key)
+  POST /v1/messages, /v1/messages/count_tokens                 Anthropic (x-api-key or
+                                                               Bearer; anthropic-version)
+  GET /v1/models with an anthropic-version header answers in the Anthropic format.
+Operator endpoints (no key): GET /stats, POST /stats/reset, GET /debug/requests (the
+last API requests with their headers as received), POST /control/faults and
+POST /control/limits (``{"account": name, ...fields}``; the name alone clears them).
+
 A generation request runs: authenticate (401) -> parse (400) -> injected error ->
 cache lookup -> rate limits (429) -> stall + prefill latency -> cache write ->
-decode latency and the response, streamed or not. The client going away at any wait
-is noticed at once and counted. Control and stats endpoints need no key.
+decode latency and the response, streamed or not. A client that goes away during any
+wait is noticed at once and counted; with zero latency there is no wait to notice it in.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from gateway.emulator.accounts import COUNTERS, Account, Stats
 from gateway.emulator.anthropic_wire import AnthropicDialect
 from gateway.emulator.asgi import (
     EVENT_STREAM,
+    JSON,
     BodyTooLarge,
     ClientWatch,
     InjectedStreamCut,
@@ -199,19 +210,22 @@ class EmulatorApp:
         self, call: _Call, status: int, body: bytes, headers: Headers, content_type: bytes
     ) -> None:
         """Send a complete response after the account's stall, unless the client leaves."""
-        stall = self.config.scaled(call.account.faults.stall_seconds)
-        if stall > 0:
-            call.account.stats.faults_injected += 1
-            if not await call.watch.sleep(stall):
-                call.account.disconnected()
-                return
+        if not await call.watch.sleep(self._stall(call.account)):
+            call.account.disconnected()
+            return
         await respond(call.send, status, body, call.headers + headers, content_type)
+
+    def _stall(self, account: Account) -> float:
+        """The injected delay before this response's first byte, in real seconds."""
+        stall = self.config.scaled(account.faults.stall_seconds)
+        if stall > 0:
+            account.stats.faults_injected += 1
+        return stall
 
     async def _fail(self, call: _Call, status: int, message: str) -> None:
         call.account.stats.errors += 1
-        await self._answer(
-            call, status, call.dialect.error(status, message), [], b"application/json"
-        )
+        body = call.dialect.error(status, message)
+        await self._answer(call, status, body, self._limit_headers(call, self.clock()), JSON)
 
     def _limit_headers(self, call: _Call, now: float) -> Headers:
         account = call.account
@@ -237,7 +251,7 @@ class EmulatorApp:
             content_type = b"text/plain; charset=utf-8"
         else:
             body = call.dialect.error(faults.status, "Injected fault.", "requests")
-            content_type = b"application/json"
+            content_type = JSON
         await self._answer(call, faults.status, body, headers, content_type)
         return True
 
@@ -257,9 +271,7 @@ class EmulatorApp:
             return headers
         account.stats.rate_limited += 1
         body = call.dialect.error(429, denial.message, denial.kind)
-        await self._answer(
-            call, 429, body, headers + _retry_headers(denial.retry_after), b"application/json"
-        )
+        await self._answer(call, 429, body, headers + _retry_headers(denial.retry_after), JSON)
         return None
 
     # --- generation ----------------------------------------------------------------
@@ -316,10 +328,8 @@ class EmulatorApp:
         self, call: _Call, gen: Generation, plan: CachePlan, uncached: int, headers: Headers
     ) -> None:
         account = call.account
-        stall = self.config.scaled(account.faults.stall_seconds)
-        if stall > 0:
-            account.stats.faults_injected += 1
-        if not await call.watch.sleep(stall + self._base + self._prefill_per_token * uncached):
+        ttfb = self._stall(account) + self._base + self._prefill_per_token * uncached
+        if not await call.watch.sleep(ttfb):
             account.disconnected()
             return
         plan.commit(account.cache, self.clock())
@@ -441,8 +451,7 @@ class EmulatorApp:
         call.account.stats.prompt_tokens += tokens
         call.account.active += 1
         try:
-            stall = self.config.scaled(call.account.faults.stall_seconds)
-            if not await call.watch.sleep(stall + self._base):
+            if not await call.watch.sleep(self._stall(call.account) + self._base):
                 call.account.disconnected()
                 return
         finally:

@@ -346,6 +346,17 @@ async def test_rpm_429_with_retry_after_and_provider_headers() -> None:
     assert (await client.chat()).status == 200
 
 
+async def test_error_responses_carry_the_rate_limit_headers_too() -> None:
+    config = EmulatorConfig(accounts=[AccountSpec("a", "sk-emu-0", rpm=5)], latency=NO_LATENCY)
+    _, client, _ = make(config)
+    await client.chat()
+    reply = await client.request(
+        "POST", "/v1/chat/completions", b"{", {"Authorization": "Bearer sk-emu-0"}
+    )
+    assert reply.status == 400
+    assert reply.headers["x-ratelimit-remaining-requests"] == "4"  # a 400 is not counted
+
+
 async def test_itpm_counts_cache_reads_for_openai_but_not_for_anthropic() -> None:
     accounts = [
         AccountSpec("openai", "sk-o", itpm=3000),
