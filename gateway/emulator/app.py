@@ -210,10 +210,13 @@ class EmulatorApp:
         self, call: _Call, status: int, body: bytes, headers: Headers, content_type: bytes
     ) -> None:
         """Send a complete response after the account's stall, unless the client leaves."""
-        if not await call.watch.sleep(self._stall(call.account)):
-            call.account.disconnected()
-            return
-        await respond(call.send, status, body, call.headers + headers, content_type)
+        try:
+            if not await call.watch.sleep(self._stall(call.account)):
+                call.account.disconnected()
+                return
+            await respond(call.send, status, body, call.headers + headers, content_type)
+        finally:
+            call.watch.close()  # the call's last word: its failure paths have no other exit
 
     def _stall(self, account: Account) -> float:
         """The injected delay before this response's first byte, in real seconds."""

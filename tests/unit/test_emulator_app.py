@@ -472,6 +472,21 @@ async def test_stall_delays_the_first_byte() -> None:
     assert time.monotonic() - started >= 0.2
 
 
+async def test_a_stalled_error_leaves_no_task_behind() -> None:
+    faults = FaultSpec(stall_seconds=0.05)
+    config = EmulatorConfig(
+        accounts=[AccountSpec("a", "sk-emu-0", faults=faults)], latency=NO_LATENCY
+    )
+    _, client, _ = make(config)
+    before = asyncio.all_tasks()
+    reply = await client.request(
+        "POST", "/v1/chat/completions", b"{", {"Authorization": "Bearer sk-emu-0"}
+    )
+    assert reply.status == 400
+    await asyncio.sleep(0)  # let a cancelled watcher finish
+    assert asyncio.all_tasks() == before
+
+
 # --- client disconnects -----------------------------------------------------------------
 
 
