@@ -8,9 +8,10 @@ every limit it has (an idle account may take one request up to the full limit, s
 request larger than ``alpha`` of a limit is not refused forever). Among the eligible:
 
 - the longest live match of at least ``min_tokens`` wins (ties: rendezvous order);
-- otherwise the root's rendezvous (HRW) order decides, skipping accounts already
-  carrying more than ``balance`` times their weighted share of the pool's window
-  tokens (bounded-load consistent hashing: affinity is kept, hot spots are not);
+- otherwise the root's rendezvous (HRW) order decides, skipping accounts that a new
+  prefix would fill past ``(1 - reserve) * alpha`` of a limit, or that already carry
+  more than ``balance`` times their weighted share of the pool's window tokens
+  (bounded-load consistent hashing: affinity is kept, hot spots are not);
 - a hot root - more traffic than ``hot_share`` of one account can take - is spread over
   its top-k rendezvous accounts, each conversation kept on one of them by a second
   hash of its first own block (the block after the part it shares with the crowd).
@@ -59,20 +60,26 @@ class Selector:
         min_tokens: int = 1024,
         hot_rate_per_account: float | None = None,
         hot_share: float = 0.5,
-        balance: float | None = 1.25,
+        balance: float | None = 1.1,
+        reserve: float = 0.15,
     ) -> None:
         """
         hot_rate_per_account: requests per minute of one root that one account should
         take, for accounts whose limits do not say (None: only limits decide).
         hot_share: share of one account's limits a single root may use before spreading.
         balance: bound on an account's window tokens per weight, relative to the pool's
-        mean, for placing prefixes no account holds yet (None: pure rendezvous).
+        mean, for placing prefixes no account holds yet (None: no bound).
+        reserve: share of alpha that new prefixes leave free on each account.
         """
         self.alpha = alpha
         self.min_tokens = min_tokens
         self.hot_rate_per_account = hot_rate_per_account
         self.hot_share = hot_share
         self.balance = balance
+        # New prefixes may fill an account only to this much of its limits: the rest is
+        # kept for the conversations it already caches, which would otherwise have to
+        # move (and lose their cache) when it fills up.
+        self.place_alpha = alpha * (1.0 - reserve)
         self._rr: dict[str, float] = {}  # smooth weighted round-robin credit per account
 
     def choose(
@@ -120,7 +127,7 @@ class Selector:
 
         if best_tokens >= self.min_tokens:
             return _choice(best, eligible, "longest_match", best_tokens)
-        pick = self._placement(pool, eligible, snap)
+        pick = self._placement(pool, eligible, demand, snap)
         if pick is not order[0]:
             reason = "spill_headroom"
         elif mode == "session" and fp.session is not None:
@@ -131,8 +138,11 @@ class Selector:
 
     # --- headroom -----------------------------------------------------------------------
 
-    def fits(self, account: AccountSpec, demand: Demand, snap: Snapshot) -> bool:
+    def fits(
+        self, account: AccountSpec, demand: Demand, snap: Snapshot, alpha: float | None = None
+    ) -> bool:
         """Would this request keep the account within alpha of every limit it has?"""
+        alpha = self.alpha if alpha is None else alpha
         load = snap.load.get(account.name, IDLE)
         input_tokens = self._counted(account, demand, snap)
         if load.remaining_requests is not None and load.remaining_requests <= 0:
@@ -140,7 +150,6 @@ class Selector:
         if load.remaining_tokens is not None and load.remaining_tokens < input_tokens:
             return False
         limits = account.limits
-        alpha = self.alpha
         return (
             (limits.rpm is None or _room(load.requests, 1, limits.rpm, alpha))
             and (limits.itpm is None or _room(load.input_tokens, input_tokens, limits.itpm, alpha))
@@ -195,19 +204,22 @@ class Selector:
     # --- placement ----------------------------------------------------------------------
 
     def _placement(
-        self, pool: list[AccountSpec], eligible: list[AccountSpec], snap: Snapshot
+        self, pool: list[AccountSpec], eligible: list[AccountSpec], demand: Demand, snap: Snapshot
     ) -> AccountSpec:
-        """First eligible account in HRW order that is not over its share of the load."""
-        if self.balance is None or len(eligible) == 1:
+        """First eligible account in HRW order with room to spare for a new prefix."""
+        if len(eligible) == 1:
             return eligible[0]
         load = snap.load
-        total = sum(load.get(a.name, IDLE).input_tokens for a in pool)
-        weight = sum(a.weight for a in pool)
-        if total <= 0 or weight <= 0:
-            return eligible[0]
-        per_weight = self.balance * total / weight
+        ceiling = math.inf
+        if self.balance is not None:
+            total = sum(load.get(a.name, IDLE).input_tokens for a in pool)
+            weight = sum(a.weight for a in pool)
+            if total > 0 and weight > 0:
+                ceiling = self.balance * total / weight
         for account in eligible:
-            if load.get(account.name, IDLE).input_tokens <= per_weight * account.weight:
+            if load.get(account.name, IDLE).input_tokens <= ceiling * account.weight and self.fits(
+                account, demand, snap, self.place_alpha
+            ):
                 return account
         return eligible[0]
 

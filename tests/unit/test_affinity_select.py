@@ -304,3 +304,20 @@ def test_off_mode_is_weighted_round_robin() -> None:
     choice = selector.choose(accounts, FP, DEMAND, snap(), mode="off")
     assert choice.reason == "round_robin"
     assert len(choice.candidates) == 3
+
+
+def test_new_prefixes_leave_a_reserve_for_cached_ones() -> None:
+    accounts = pool(4, Limits(rpm=100))
+    order = names(rank(FP.root, accounts))
+    # 72 + 1 fits alpha (80) but not the new-prefix ceiling (0.8 * 0.85 * 100 = 68)
+    busy = {order[0]: AccountLoad(requests=72)}
+    selector = Selector(alpha=0.8, reserve=0.15, balance=None)
+    choice = selector.choose(accounts, FP, DEMAND, snap(load=busy), mode="prefix")
+    assert (choice.candidates[0].name, choice.reason) == (order[1], "spill_headroom")
+    assert order[0] in names(choice.candidates)  # still a failover candidate
+    cached = selector.choose(accounts, FP, DEMAND, snap({order[0]: 2048}, busy), mode="prefix")
+    assert (cached.candidates[0].name, cached.reason) == (order[0], "longest_match")
+    # when every account is past the ceiling, the HRW order still decides
+    everyone = {name: AccountLoad(requests=72) for name in order}
+    choice = selector.choose(accounts, FP, DEMAND, snap(load=everyone), mode="prefix")
+    assert (choice.candidates[0].name, choice.reason) == (order[0], "rendezvous")
