@@ -9,10 +9,13 @@ state) are opened and closed by the ASGI lifespan.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from urllib.parse import parse_qs
 
 import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from affinity.memory import MemoryState
@@ -21,11 +24,13 @@ from affinity.select import Selector
 from affinity.state import AffinityState
 from gateway.config import PROVIDER_ENDPOINTS, Config
 from gateway.context import Endpoint, Principal, RequestContext
-from gateway.errors import MethodNotAllowed, NotFound
+from gateway.drain import Drain
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.pricing import Price
 from gateway.upstream import Account, UpstreamApp, UpstreamClient
+from gateway.usagelog import MemoryUsageLog, Query, RedisUsageLog, UsageLog
 from middleware.auth import AuthMiddleware
 from middleware.errors import ErrorsMiddleware
 from middleware.failover import FailoverMiddleware
@@ -68,6 +73,8 @@ class Gateway:
             Selector(alpha=config.affinity.alpha, min_tokens=config.affinity.min_tokens),
         )
         self.ready = False
+        self.drain = Drain()
+        self.usage_log = self._usage_log(config)
         principals = {
             t.key_hash: Principal(
                 token=t.name,
@@ -87,8 +94,10 @@ class Gateway:
         prices = {model: Price(**p.model_dump()) for model, p in config.pricing.items()}
 
         chain: list[Callable[[ASGIApp], ASGIApp]] = [
-            ErrorsMiddleware,
-            lambda app: MeteringMiddleware(app, metrics=self.metrics, prices=prices),
+            lambda app: ErrorsMiddleware(app, drain=self.drain),
+            lambda app: MeteringMiddleware(
+                app, metrics=self.metrics, prices=prices, usage_log=self.usage_log
+            ),
             lambda app: AuthMiddleware(app, secret=config.server.secret, principals=principals),
             lambda app: GroupsMiddleware(
                 app,
@@ -111,8 +120,10 @@ class Gateway:
         self.proxy = app
         # Non-proxied API routes share the outer layers: the errors format and auth.
         self.api = ErrorsMiddleware(
-            AuthMiddleware(self._api_routes, secret=config.server.secret, principals=principals)
+            AuthMiddleware(self._api_routes, secret=config.server.secret, principals=principals),
+            drain=self.drain,
         )
+        self.metrics.add_collector(self._collect)
         self._allowed_models = self._models_by_principal(config)
 
     @staticmethod
@@ -127,6 +138,47 @@ class Gateway:
                 window_seconds=aff.window_seconds,
             )
         return MemoryState(ttl_seconds=aff.ttl_seconds, window_seconds=aff.window_seconds)
+
+    @staticmethod
+    def _usage_log(config: Config) -> UsageLog:
+        st = config.state
+        if st.redis_url:
+            return RedisUsageLog(st.redis_url, retention_seconds=st.usage_retention_seconds)
+        return MemoryUsageLog(st.usage_max_records)
+
+    def _collect(self) -> Iterable[Metric]:
+        """Gauges read at scrape time: nothing is updated on the request path for them."""
+        pins = GaugeMetricFamily(
+            "gateway_pin_index_entries", "Live prefix pins in this process's view of the pin index."
+        )
+        pins.add_metric([], self.router.pin_count())
+        yield pins
+        state = GaugeMetricFamily(
+            "gateway_account_state",
+            "1 for the account's current health state.",
+            labels=["account", "state"],
+        )
+        for name in self.accounts:
+            current = self.health.state(name)
+            for st in ("healthy", "cooldown", "ejected", "quarantined"):
+                state.add_metric([name, st], 1.0 if current == st else 0.0)
+        yield state
+        fallbacks = getattr(self.state, "fallbacks_total", None)
+        if fallbacks is not None:
+            c = CounterMetricFamily(
+                "gateway_redis_fallbacks",
+                "Affinity state calls served from local state because Redis failed or was slow.",
+            )
+            c.add_metric([], float(fallbacks))
+            yield c
+            g = GaugeMetricFamily(
+                "gateway_redis_circuit_open", "1 while the Redis circuit breaker is open."
+            )
+            g.add_metric([], 1.0 if getattr(self.state, "circuit_open", False) else 0.0)
+            yield g
+        draining = GaugeMetricFamily("gateway_draining", "1 while the gateway drains for shutdown.")
+        draining.add_metric([], 1.0 if self.drain.draining else 0.0)
+        yield draining
 
     def _models_by_principal(
         self, config: Config
@@ -195,10 +247,58 @@ class Gateway:
             body = orjson.dumps({"object": "list", "data": self._allowed_models(ctx.principal)})
             await _respond(send, 200, body)
             return
+        if path == "/v1/usage/logs" and method == "GET":
+            await _respond(send, 200, await self._usage(scope, ctx.principal))
+            return
         raise NotFound(f"no route for {method} {path}")
+
+    async def _usage(self, scope: Scope, principal: Principal) -> bytes:
+        """This token's usage records, newest first; an admin token sees every token's."""
+        params = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+
+        def one(name: str) -> str | None:
+            values = params.get(name)
+            return values[-1] if values else None
+
+        def number(name: str, default: float) -> float:
+            raw = one(name)
+            if raw is None:
+                return default
+            try:
+                return float(raw)
+            except ValueError:
+                raise BadRequest(f"query parameter {name!r} must be a number", param=name) from None
+
+        limit = int(number("limit", 100))
+        if not 1 <= limit <= 1000:
+            raise BadRequest("'limit' must be between 1 and 1000", param="limit")
+        cursor = one("cursor")
+        q = Query(
+            token=None
+            if principal.admin and one("token") is None
+            else (one("token") if principal.admin else principal.token),
+            start=number("start", 0.0),
+            end=number("end", float("inf")),
+            model=one("model"),
+            group=one("group"),
+            limit=limit,
+            before=number("cursor", 0.0) if cursor is not None else None,
+        )
+        records = await self.usage_log.query(q)
+        next_cursor = repr(records[-1].time) if len(records) == limit else None
+        return orjson.dumps(
+            {"object": "list", "data": [r.to_dict() for r in records], "next_cursor": next_cursor}
+        )
+
+    def begin_drain(self, deadline: float) -> None:
+        """SIGTERM: not ready from now on; in-flight requests get `deadline` seconds."""
+        self.ready = False
+        if not self.drain.draining:
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain.run(deadline))
 
     async def start(self) -> None:
         await self.upstream.start()
+        await self.usage_log.start()
         self.ready = True
         log.info(
             "gateway ready: %d accounts in %d pools, state %s",
@@ -210,6 +310,7 @@ class Gateway:
     async def aclose(self) -> None:
         self.ready = False
         await self.upstream.aclose()
+        await self.usage_log.aclose()  # flushes what is buffered
         await self.state.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -57,6 +57,9 @@ class Server(_Strict):
 
 class State(_Strict):
     redis_url: str = ""  # empty: embedded, per process
+    redis_socket_timeout: Seconds = 0.05  # a slower Redis is bypassed, never waited for
+    usage_retention_seconds: Seconds = 30 * 86400.0
+    usage_max_records: PositiveInt = 100_000  # embedded log: the newest N records
 
 
 class Limits(_Strict):

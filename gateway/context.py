@@ -91,6 +91,7 @@ class RequestContext:
     demand: Demand | None = None  # prefix: token estimates for admission
     route: Route | None = None  # pinning: the plan step being tried
     choice: Choice | None = None  # pinning
+    decision: str = ""  # pinning: the reason counted for this request
     candidates: tuple[Account, ...] = ()  # pinning: ordered, first is the pick
 
     account: Account | None = None  # failover: the account of the current attempt

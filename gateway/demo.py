@@ -9,8 +9,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
-
 from gateway.app import create_app
 from gateway.emulator import EmulatorServer, default_config
 from gateway.presets import DEMO_KEY, emulated_config
@@ -41,16 +39,14 @@ async def run_policy(policy: str, affinity: str, requests: int, accounts: int = 
         app = create_app(emulated_config(emulator.url, accounts=accounts, affinity=affinity))
         async with AppServer(app) as gateway:
             result = await replay(gateway.url, DEMO_KEY, calls, concurrency=8)
-        async with aiohttp.ClientSession() as s, s.get(emulator.url + "/stats") as r:
-            stats = await r.json()
-    accounts = stats["accounts"]
-    prompt = sum(a["prompt_tokens"] for a in accounts.values())
-    cached = sum(a["cached_tokens"] for a in accounts.values())
+        per_account: dict[str, dict[str, int]] = emulator.app.stats()["accounts"]
+    prompt = sum(a["prompt_tokens"] for a in per_account.values())
+    cached = sum(a["cached_tokens"] for a in per_account.values())
     return Row(
         policy=policy,
         requests=len(calls),
         hit_rate=cached / prompt if prompt else 0.0,
-        per_account=[a["requests"] for a in accounts.values()],
+        per_account=[a["requests"] for a in per_account.values()],
         p50_ms=result.percentile(50) * 1000,
         p99_ms=result.percentile(99) * 1000,
         errors=result.errors,

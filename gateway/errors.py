@@ -14,6 +14,7 @@ Inner layers raise; the outermost middleware renders. The tree::
     ├── UpstreamError                 502 upstream_error
     │   ├── UpstreamTimeout           504
     │   └── UpstreamStatus            the provider's status, its message redacted
+    ├── ShuttingDown                  503 overloaded_error: cut at the drain deadline
     └── ClientGone                    499, never rendered: nobody is listening
 
 Messages are written for the caller and never contain keys, hashes or provider bodies.
@@ -128,6 +129,11 @@ class UpstreamStatus(UpstreamError):
         if self.retry_after is None:
             return []
         return [(b"retry-after", str(max(1, int(self.retry_after + 0.999))).encode())]
+
+
+class ShuttingDown(GatewayError):
+    status = 503
+    type = "overloaded_error"
 
 
 class ClientGone(GatewayError):

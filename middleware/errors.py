@@ -8,13 +8,22 @@ nothing. Anything else is logged without its details and answered as a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import SCOPE_KEY, Endpoint, Family, RequestContext
-from gateway.errors import ClientGone, GatewayError, RouteExhausted, error_body, error_event
+from gateway.drain import Drain
+from gateway.errors import (
+    ClientGone,
+    GatewayError,
+    RouteExhausted,
+    ShuttingDown,
+    error_body,
+    error_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +36,9 @@ def new_request_id() -> str:
 
 
 class ErrorsMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, drain: Drain | None = None) -> None:
         self.app = app
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,8 +66,20 @@ class ErrorsMiddleware:
                 )
             await send(message)
 
+        task = asyncio.current_task()
+        if self.drain is not None and task is not None:
+            self.drain.enter(task)
         try:
             await self.app(scope, receive, send_tracking_start)
+        except asyncio.CancelledError:
+            if self.drain is None or task is None or not self.drain.was_cut(task):
+                raise
+            # Cut at the drain deadline: tell the client instead of dropping it silently.
+            task.uncancel()
+            if not done:
+                await self._render(
+                    ShuttingDown("the gateway is shutting down; retry"), ctx, send, sse
+                )
         except ClientGone:
             log.info("request %s: client closed the connection (499)", ctx.request_id)
         except (GatewayError, RouteExhausted) as caught:
@@ -68,6 +90,9 @@ class ErrorsMiddleware:
             log.exception("request %s: unhandled error", ctx.request_id)
             if not done:
                 await self._render(GatewayError("internal gateway error"), ctx, send, sse)
+        finally:
+            if self.drain is not None and task is not None:
+                self.drain.leave(task)
 
     @staticmethod
     async def _render(exc: GatewayError, ctx: RequestContext, send: Send, sse: bool) -> None:

@@ -21,6 +21,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import Endpoint, RequestContext
+from gateway.errors import RouteExhausted
 from gateway.metrics import Metrics
 from gateway.pricing import Price, cost
 from gateway.sse import SSEParser
@@ -31,6 +32,7 @@ from gateway.usage import (
     add_usage_fields_to_event,
     usage_from_body,
 )
+from gateway.usagelog import UsageLog, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,18 @@ def _status_class(status: int) -> str:
 
 
 class MeteringMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, prices: Mapping[str, Price]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        prices: Mapping[str, Price],
+        usage_log: UsageLog,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.prices = dict(prices)
+        self.usage_log = usage_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,7 +112,10 @@ class MeteringMiddleware:
             out: list[bytes] = []
             for event in parser.feed(message.get("body", b"")):
                 stream.feed(event)
-                streamed += len(event.data)
+                if event.data:
+                    # Providers send about one token per content event; the JSON around
+                    # it is not output, so count events, not bytes, for an estimate.
+                    streamed += 1
                 if drop_usage_chunk and stream.is_usage_only_chunk(event):
                     continue
                 usage = stream.result()
@@ -126,13 +139,16 @@ class MeteringMiddleware:
         try:
             await self.app(scope, receive, send_metering)
         except BaseException as exc:
-            status = getattr(exc, "status", 500)
+            err = exc.last if isinstance(exc, RouteExhausted) else exc
+            status = getattr(err, "status", 500)
             raise
         finally:
             if stream is not None and ctx.usage is None:
-                ctx.usage = stream.estimate(ctx.tokens_estimate, streamed)
+                ctx.usage = stream.estimate(ctx.tokens_estimate, streamed * 4)
                 price(ctx.usage)
             self._count(ctx, status)
+            if ctx.principal is not None and ctx.endpoint is not None:
+                self.usage_log.append(self._record(ctx, status))
 
     @staticmethod
     def _priced_json(
@@ -159,6 +175,35 @@ class MeteringMiddleware:
             (b"x-upstream-cache-write", str(usage.cache_write_tokens).encode()),
         ]
         return {**start, "headers": headers}, body
+
+    @staticmethod
+    def _record(ctx: RequestContext, status: int) -> UsageRecord:
+        assert ctx.principal is not None and ctx.endpoint is not None
+        usage = ctx.usage or Usage()
+        now = time.perf_counter()
+        return UsageRecord(
+            time=time.time(),
+            request_id=ctx.request_id,
+            token=ctx.principal.token,
+            user=ctx.principal.user,
+            group=ctx.route.group if ctx.route else "",
+            model=ctx.model,
+            endpoint=ctx.endpoint.value,
+            account=ctx.account.name if ctx.account else "",
+            status=status,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            completion_tokens=usage.completion_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost=ctx.cost or 0.0,
+            cache_discount=ctx.cache_discount,
+            estimated=usage.estimated,
+            latency_ms=round((now - ctx.started) * 1000, 3),
+            ttfb_ms=round((ctx.first_byte - ctx.started) * 1000, 3) if ctx.first_byte else None,
+            decision=ctx.decision,
+            attempts=len(ctx.attempts),
+        )
 
     def _count(self, ctx: RequestContext, status: int) -> None:
         m = self.metrics

@@ -78,6 +78,7 @@ class PinningMiddleware:
                 continue
             reason = "fallback_group" if step else choice.reason
             self.metrics.decisions.labels(route.group, reason).inc()
+            ctx.decision = reason
             ctx.route = route
             ctx.choice = choice
             ctx.candidates = tuple(by_name[s.name] for s in choice.candidates)
