@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from gateway.config import ConfigError, load_config
 from gateway.keys import hash_key, new_key
 
 log = logging.getLogger("gateway")
+
+_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _setup_logging(level: str) -> None:
@@ -50,16 +56,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     app = create_app(config)
-    uvicorn.run(
-        app,
-        host=args.host or config.server.host,
-        port=args.port if args.port is not None else config.server.port,
-        access_log=False,
-        log_level=args.log_level.lower(),
-        lifespan="on",
-        timeout_graceful_shutdown=args.drain_seconds,
-        **_uvicorn_extras(),  # type: ignore[arg-type]
+    drain = args.drain_seconds
+
+    delay = args.shutdown_delay
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT: /readyz answers 503 at once while requests are still served for
+        `delay` seconds (load balancers notice), then no new connections; in-flight
+        requests get `drain` seconds from the signal, then end with an error event.
+        A second signal stops at once."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after shutdown (exit status 128+15); a drained
+            # shutdown is a clean one, so the CLI exits 0 instead.
+            handlers = {s: signal.signal(s, self.handle_exit) for s in _EXIT_SIGNALS}
+            try:
+                yield
+            finally:
+                for s, h in handlers.items():
+                    signal.signal(s, h)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if app.drain.draining or delay <= 0:
+                if not app.drain.draining:
+                    app.begin_drain(drain)
+                super().handle_exit(sig, frame)
+                return
+            app.begin_drain(drain)
+            stop = super().handle_exit
+            asyncio.get_running_loop().call_later(delay, stop, sig, None)
+
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=args.host or config.server.host,
+            port=args.port if args.port is not None else config.server.port,
+            access_log=False,
+            log_level=args.log_level.lower(),
+            lifespan="on",
+            # uvicorn's own cut comes after ours, so streams end with a terminal event.
+            timeout_graceful_shutdown=int(drain) + 3,
+            **_uvicorn_extras(),  # type: ignore[arg-type]
+        )
     )
+    server.run()
     return 0
 
 
@@ -128,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="override server.port")
     serve.add_argument(
         "--drain-seconds", type=float, default=30.0, help="grace for in-flight streams on SIGTERM"
+    )
+    serve.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=1.0,
+        help="seconds between SIGTERM (readyz turns 503) and closing the listener",
     )
     serve.set_defaults(func=cmd_serve)
 
