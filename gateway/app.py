@@ -29,6 +29,7 @@ from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.pricing import Price
+from gateway.ratelimit import TokenLimiter
 from gateway.upstream import Account, UpstreamApp, UpstreamClient
 from gateway.usagelog import MemoryUsageLog, Query, RedisUsageLog, UsageLog
 from middleware.auth import AuthMiddleware
@@ -75,6 +76,7 @@ class Gateway:
         self.ready = False
         self.drain = Drain()
         self.usage_log = self._usage_log(config)
+        self.limiter = TokenLimiter()
         principals = {
             t.key_hash: Principal(
                 token=t.name,
@@ -83,6 +85,7 @@ class Gateway:
                 group=t.group,
                 fallback_groups=t.fallback_groups,
                 rpm=t.rpm,
+                tpm=t.tpm,
                 admin=t.admin,
             )
             for t in config.tokens
@@ -96,9 +99,15 @@ class Gateway:
         chain: list[Callable[[ASGIApp], ASGIApp]] = [
             lambda app: ErrorsMiddleware(app, drain=self.drain),
             lambda app: MeteringMiddleware(
-                app, metrics=self.metrics, prices=prices, usage_log=self.usage_log
+                app,
+                metrics=self.metrics,
+                prices=prices,
+                usage_log=self.usage_log,
+                limiter=self.limiter,
             ),
-            lambda app: AuthMiddleware(app, secret=config.server.secret, principals=principals),
+            lambda app: AuthMiddleware(
+                app, secret=config.server.secret, principals=principals, limiter=self.limiter
+            ),
             lambda app: GroupsMiddleware(
                 app,
                 groups=config.groups,
@@ -106,7 +115,9 @@ class Gateway:
                 pool_endpoints=pool_endpoints,
                 max_body_bytes=config.server.max_body_bytes,
             ),
-            lambda app: PrefixMiddleware(app, min_tokens=config.min_tokens),
+            lambda app: PrefixMiddleware(
+                app, min_tokens=config.min_tokens, max_messages=config.server.max_messages
+            ),
             lambda app: PinningMiddleware(
                 app, router=self.router, pools=pools, health=self.health, metrics=self.metrics
             ),

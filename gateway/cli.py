@@ -93,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host or config.server.host,
             port=args.port if args.port is not None else config.server.port,
             access_log=False,
+            server_header=False,
             log_level=args.log_level.lower(),
             lifespan="on",
             # uvicorn's own cut comes after ours, so streams end with a terminal event.

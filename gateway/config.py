@@ -52,6 +52,7 @@ class Server(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     secret: str = Field(min_length=16)  # keys the token hashes (HMAC-SHA256)
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    max_messages: PositiveInt = 10_000  # messages in one request; more is a 400
     timeouts: Timeouts = Timeouts()
 
 
@@ -97,8 +98,9 @@ class TokenConfig(_Strict):
     user_group: str = "default"
     group: str
     fallback_groups: tuple[str, ...] = ()
-    rpm: PositiveInt | None = None
-    admin: bool = False
+    rpm: PositiveInt | None = None  # per-token limits, per replica
+    tpm: PositiveInt | None = None
+    admin: bool = False  # reads every token's usage
 
 
 class PriceConfig(_Strict):

@@ -56,6 +56,7 @@ class Principal:
     group: str
     fallback_groups: tuple[str, ...] = ()
     rpm: int | None = None
+    tpm: int | None = None
     admin: bool = False
 
 

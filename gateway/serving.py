@@ -44,6 +44,7 @@ class AppServer:
             http=HTTP_IMPL,
             lifespan="on",
             access_log=False,
+            server_header=False,
             log_config=None,  # leave the host process's logging alone
             timeout_graceful_shutdown=self.graceful,
         )

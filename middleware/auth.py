@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.context import Principal, RequestContext
-from gateway.errors import Unauthorized
+from gateway.errors import RateLimited, Unauthorized
+from gateway.ratelimit import TokenLimiter, Verdict
 
 
 def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -29,10 +30,18 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, secret: str, principals: Mapping[str, Principal]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        secret: str,
+        principals: Mapping[str, Principal],
+        limiter: TokenLimiter | None = None,
+    ) -> None:
         self.app = app
         self._secret = secret.encode()
         self._principals = {bytes.fromhex(h): p for h, p in principals.items()}
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,4 +59,27 @@ class AuthMiddleware:
         if principal is None:
             raise Unauthorized("invalid API key")
         RequestContext.of(scope).principal = principal
+        if self.limiter is not None and (principal.rpm or principal.tpm):
+            verdict = self.limiter.admit(principal.token, principal.rpm, principal.tpm)
+            if not verdict.allowed:
+                raise RateLimited(
+                    f"rate limit of token {principal.token!r} reached",
+                    retry_after=verdict.retry_after,
+                    code="token_rate_limited",
+                    extra_headers=_ratelimit_headers(principal, verdict),
+                )
         await self.app(scope, receive, send)
+
+
+def _ratelimit_headers(principal: Principal, verdict: Verdict) -> list[tuple[bytes, bytes]]:
+    headers = []
+    if principal.rpm is not None:
+        headers.append((b"x-ratelimit-limit-requests", str(principal.rpm).encode()))
+        headers.append(
+            (b"x-ratelimit-remaining-requests", str(verdict.remaining_requests).encode())
+        )
+    if principal.tpm is not None:
+        headers.append((b"x-ratelimit-limit-tokens", str(principal.tpm).encode()))
+        headers.append((b"x-ratelimit-remaining-tokens", str(verdict.remaining_tokens).encode()))
+    headers.append((b"x-ratelimit-reset-requests", f"{verdict.retry_after:.0f}s".encode()))
+    return headers

@@ -24,6 +24,7 @@ from gateway.context import Endpoint, RequestContext
 from gateway.errors import RouteExhausted
 from gateway.metrics import Metrics
 from gateway.pricing import Price, cost
+from gateway.ratelimit import TokenLimiter
 from gateway.sse import SSEParser
 from gateway.usage import (
     StreamUsage,
@@ -52,8 +53,10 @@ class MeteringMiddleware:
         metrics: Metrics,
         prices: Mapping[str, Price],
         usage_log: UsageLog,
+        limiter: TokenLimiter | None = None,
     ) -> None:
         self.app = app
+        self.limiter = limiter
         self.metrics = metrics
         self.prices = dict(prices)
         self.usage_log = usage_log
@@ -149,6 +152,9 @@ class MeteringMiddleware:
             self._count(ctx, status)
             if ctx.principal is not None and ctx.endpoint is not None:
                 self.usage_log.append(self._record(ctx, status))
+                if self.limiter is not None and ctx.usage is not None and ctx.principal.tpm:
+                    used = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
+                    self.limiter.record_tokens(ctx.principal.token, used)
 
     @staticmethod
     def _priced_json(

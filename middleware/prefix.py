@@ -45,9 +45,12 @@ def session_header(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 class PrefixMiddleware:
-    def __init__(self, app: ASGIApp, *, min_tokens: Callable[[str], int]) -> None:
+    def __init__(
+        self, app: ASGIApp, *, min_tokens: Callable[[str], int], max_messages: int = 10_000
+    ) -> None:
         self.app = app
         self.min_tokens = min_tokens
+        self.max_messages = max_messages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,6 +67,10 @@ class PrefixMiddleware:
             messages = ctx.body.get("messages")
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise BadRequest("'messages' must be a list of message objects", param="messages")
+            if len(messages) > self.max_messages:
+                raise BadRequest(
+                    f"too many messages: {len(messages)} > {self.max_messages}", param="messages"
+                )
             try:
                 fp = fingerprint(
                     ctx.body,
