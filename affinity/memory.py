@@ -49,7 +49,7 @@ class MemoryState:
         self._windows: dict[str, SlidingWindow] = {}
         self._in_flight: dict[str, int] = {}
         self._ledger = Ledger()
-        self._headers = HeaderBook()
+        self.headers = HeaderBook()  # rate-limit headers seen by this process
 
     def now(self) -> float:
         return self._clock()
@@ -162,7 +162,7 @@ class MemoryState:
     def _load(self, name: str, now: float) -> AccountLoad:
         window = self._windows.get(name)
         requests, input_tokens, output_tokens = window.totals(now) if window else (0, 0, 0)
-        reading = self._headers.get(name, now)
+        reading = self.headers.get(name, now)
         if reading is None:
             return AccountLoad(requests, input_tokens, output_tokens, self._in_flight.get(name, 0))
         return AccountLoad(
@@ -235,9 +235,7 @@ class MemoryState:
         reset_seconds: float | None,
         now: float,
     ) -> None:
-        self._headers.observe(
-            account.name, remaining_requests, remaining_tokens, reset_seconds, now
-        )
+        self.headers.observe(account.name, remaining_requests, remaining_tokens, reset_seconds, now)
 
     async def aclose(self) -> None:
         self._pins.clear()

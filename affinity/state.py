@@ -82,6 +82,7 @@ class Admitted:
     input_tokens: int
     output_tokens: int
     at: float
+    ticket: str = ""  # names the request in shared in-flight sets
 
 
 class Ledger:

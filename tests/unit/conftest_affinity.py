@@ -3,10 +3,15 @@ real redis-server per test session."""
 
 from __future__ import annotations
 
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
 import xxhash
 
 from affinity.fingerprint import Fingerprint
-from affinity.rendezvous import key_of
 
 BLOCK = 512
 
@@ -32,4 +37,53 @@ class Clock:
         return self.t
 
 
-__all__ = ["BLOCK", "Clock", "chain", "key_of"]
+_NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+class RedisServer:
+    """A throwaway redis-server on a free 127.0.0.1 port, without persistence."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server")
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.binary is not None
+        if not self.port:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", *_NO_PERSISTENCE],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not come up")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)

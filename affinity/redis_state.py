@@ -1,0 +1,320 @@
+"""Affinity state shared by gateway replicas through Redis, with an in-process fallback.
+
+Each call is one pipelined round trip of Lua scripts (see affinity.redis_scripts).
+Keys carry hash tags so each script's keys share one slot: a request's pins are tagged
+with its root block, an account's window with the account; replicas agree on time by
+using the wall clock.
+
+Redis is never on the critical failure path. Every begin/end is mirrored into an
+embedded MemoryState, so local pins and windows are warm when Redis goes away; a
+timeout or connection error makes the call answer from that local state, opens a
+circuit breaker for a short cool-down (no further waiting on a dead server), and a
+single probe afterwards closes it again when Redis is back. No Redis exception reaches
+the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from affinity import redis_scripts
+from affinity.breaker import CircuitBreaker
+from affinity.fingerprint import Fingerprint
+from affinity.memory import WINDOW_BUCKETS, MemoryState
+from affinity.state import Admitted, Ledger, counted_input, should_unpin
+from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, Snapshot
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_SCRIPTS = {
+    name: getattr(redis_scripts, name)
+    for name in (
+        "PINS_READ",
+        "PINS_BEGIN",
+        "PINS_DROP",
+        "WINDOW_READ",
+        "WINDOW_BEGIN",
+        "WINDOW_END",
+    )
+}
+# Recent snapshot matches kept to know a request's expected cache read at begin().
+_MATCH_MEMO = 4096
+
+
+class RedisState:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "ag",
+        socket_timeout: float = 0.05,
+        ttl_seconds: float = 300.0,
+        window_seconds: float = 60.0,
+        max_pins: int = 1_000_000,
+        max_request_seconds: float = 900.0,
+        cooldown: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.key_prefix = key_prefix
+        self.socket_timeout = socket_timeout
+        self.ttl_seconds = ttl_seconds
+        self.window_seconds = window_seconds
+        self.max_request_seconds = max_request_seconds
+        self._clock = clock
+        self._redis: Redis = Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),  # the breaker decides about retrying, not the client
+        )
+        self._shas: dict[str, str] = {}
+        self._local = MemoryState(
+            ttl_seconds=ttl_seconds, window_seconds=window_seconds, max_pins=max_pins, clock=clock
+        )
+        self._ledger = Ledger()
+        self._matches: OrderedDict[int, dict[str, int]] = OrderedDict()
+        self._replica = uuid.uuid4().hex[:12]
+        self._tickets = itertools.count()
+        self.breaker = CircuitBreaker(cooldown=cooldown)
+        self.fallbacks_total = 0  # calls answered from local state
+        self.errors_total = 0  # Redis errors and timeouts
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.breaker.open
+
+    def now(self) -> float:
+        return self._clock()
+
+    def pin_count(self) -> int:
+        """Pins this replica knows of (counting shared keys would cost a scan)."""
+        return self._local.pin_count()
+
+    # --- keys -------------------------------------------------------------------------
+
+    def _pin_keys(self, fp: Fingerprint) -> list[str]:
+        hashes = fp.hashes
+        prefix = f"{self.key_prefix}:{{{hashes[fp.pin_from]:016x}}}:p:"
+        return [f"{prefix}{hashes[i]:016x}" for i in range(fp.pin_from, len(hashes))]
+
+    def _window_keys(self, account: str) -> tuple[str, str]:
+        base = f"{self.key_prefix}:{{a:{account}}}"
+        return f"{base}:w", f"{base}:f"
+
+    def _window_args(self, now: float) -> tuple[int, int, int]:
+        return _ms(now), _ms(self.window_seconds / WINDOW_BUCKETS), WINDOW_BUCKETS + 1
+
+    # --- Redis calls --------------------------------------------------------------------
+
+    async def _load_scripts(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for source in _SCRIPTS.values():
+            pipe.script_load(source)
+        self._shas = dict(zip(_SCRIPTS, await pipe.execute(), strict=True))
+
+    async def _pipeline(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """One round trip of EVALSHAs; scripts are (re)loaded when the server lacks them."""
+        for attempt in range(2):
+            if not self._shas:
+                await self._load_scripts()
+            pipe = self._redis.pipeline(transaction=False)
+            for name, keys, args in calls:
+                pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                self._shas.clear()  # the server restarted empty
+        raise AssertionError("unreachable")
+
+    async def _guarded(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """The call's result, or None when Redis is unavailable (and the caller falls back)."""
+        if not self.breaker.allow():
+            self.fallbacks_total += 1
+            return None
+        try:
+            async with asyncio.timeout(self.socket_timeout * 2):
+                result = await call()
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.errors_total += 1
+            self.fallbacks_total += 1
+            if not self.breaker.open:
+                log.warning("redis unavailable, serving affinity from local state: %r", exc)
+            self.breaker.failure()
+            return None
+        if self.breaker.open:
+            log.info("redis is back, affinity state shared again")
+        self.breaker.success()
+        return result
+
+    # --- the protocol -----------------------------------------------------------------
+
+    async def snapshot(
+        self, accounts: Sequence[AccountSpec], fp: Fingerprint, now: float
+    ) -> Snapshot:
+        domains = list(dict.fromkeys(a.cache_domain for a in accounts))
+        has_pins = fp.pin_from < len(fp.hashes)
+        now_ms, bucket_ms, slots = self._window_args(now)
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        if has_pins:
+            tau_ms = _ms(self.window_seconds)
+            calls.append(("PINS_READ", self._pin_keys(fp), (now_ms, tau_ms, *domains)))
+        window_args = (now_ms, bucket_ms, slots)
+        calls.extend(("WINDOW_READ", self._window_keys(a.name), window_args) for a in accounts)
+
+        replies = await self._guarded(lambda: self._pipeline(calls))
+        if replies is None:
+            return self._local.snapshot_now(accounts, fp, now)
+
+        matched: dict[str, int] = {}
+        root_rate = 0.0
+        shared = -1
+        if has_pins:
+            pins = replies[0]
+            root_rate = float(pins[0]) * 60.0 / self.window_seconds
+            if int(pins[1]):
+                shared = fp.pin_from + int(pins[1]) - 1
+            by_domain = {
+                domain: fp.tokens[fp.pin_from + int(offset) - 1]
+                for domain, offset in zip(domains, pins[2:], strict=True)
+                if int(offset)
+            }
+            self._remember(fp, by_domain)
+            for account in accounts:
+                tokens = by_domain.get(account.cache_domain)
+                if tokens:
+                    matched[account.name] = tokens
+        windows = replies[1:] if has_pins else replies
+        load = {
+            account.name: self._load(account.name, window, now)
+            for account, window in zip(accounts, windows, strict=True)
+        }
+        return Snapshot(matched, load, root_rate, shared, self.window_seconds)
+
+    def _load(self, name: str, window: Sequence[Any], now: float) -> AccountLoad:
+        requests, input_tokens, output_tokens, in_flight = (int(v) for v in window)
+        reading = self._local.headers.get(name, now)
+        if reading is None:
+            return AccountLoad(requests, input_tokens, output_tokens, in_flight)
+        return AccountLoad(
+            requests,
+            input_tokens,
+            output_tokens,
+            in_flight,
+            reading.remaining_requests,
+            reading.remaining_tokens,
+            reading.until - now,
+        )
+
+    def _remember(self, fp: Fingerprint, by_domain: dict[str, int]) -> None:
+        self._matches[fp.full] = by_domain
+        self._matches.move_to_end(fp.full)
+        if len(self._matches) > _MATCH_MEMO:
+            self._matches.popitem(last=False)
+
+    async def begin(
+        self,
+        account: AccountSpec,
+        fp: Fingerprint,
+        demand: Demand,
+        now: float,
+        *,
+        ttl_seconds: float | None = None,
+    ) -> None:
+        self._local.begin_now(account, fp, demand, now, ttl_seconds=ttl_seconds)
+        # The expected cache read is what the snapshot just before this saw.
+        expected = self._matches.get(fp.full, {}).get(account.cache_domain, 0)
+        input_tokens = counted_input(account, demand.input_tokens, expected)
+        ticket = f"{self._replica}:{next(self._tickets)}"
+        self._ledger.push(
+            account.name, fp, Admitted(input_tokens, demand.output_tokens, now, ticket)
+        )
+        now_ms, bucket_ms, slots = self._window_args(now)
+        deadline_ms = _ms(now + self.max_request_seconds)
+        key_ttl_ms = _ms(self.max_request_seconds + 2 * self.window_seconds)
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = [
+            (
+                "WINDOW_BEGIN",
+                self._window_keys(account.name),
+                (
+                    now_ms,
+                    bucket_ms,
+                    slots,
+                    input_tokens,
+                    demand.output_tokens,
+                    ticket,
+                    deadline_ms,
+                    key_ttl_ms,
+                ),
+            )
+        ]
+        if fp.pin_from < len(fp.hashes):
+            ttl = ttl_seconds if ttl_seconds is not None else (fp.cache_ttl or self.ttl_seconds)
+            args = (now_ms, _ms(self.window_seconds), account.cache_domain, _ms(now + ttl))
+            calls.append(("PINS_BEGIN", self._pin_keys(fp), args))
+        await self._guarded(lambda: self._pipeline(calls))
+
+    async def end(self, account: AccountSpec, fp: Fingerprint, result: Outcome, now: float) -> None:
+        self._local.end_now(account, fp, result, now)
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        admitted = self._ledger.pop(account.name, fp)
+        if admitted is not None:
+            now_ms, bucket_ms, slots = self._window_args(now)
+            real_input = counted_input(account, result.input_tokens, result.cached_tokens)
+            args = (
+                now_ms,
+                bucket_ms,
+                slots,
+                _ms(admitted.at),
+                real_input - admitted.input_tokens,
+                result.output_tokens - admitted.output_tokens,
+                admitted.ticket,
+            )
+            calls.append(("WINDOW_END", self._window_keys(account.name), args))
+        if should_unpin(fp, result):
+            calls.append(("PINS_DROP", self._pin_keys(fp), (account.cache_domain,)))
+        if calls:
+            await self._guarded(lambda: self._pipeline(calls))
+
+    def observe_headers(
+        self,
+        account: AccountSpec,
+        remaining_requests: int | None,
+        remaining_tokens: int | None,
+        reset_seconds: float | None,
+        now: float,
+    ) -> None:
+        self._local.observe_headers(
+            account, remaining_requests, remaining_tokens, reset_seconds, now
+        )
+
+    async def aclose(self) -> None:
+        try:
+            await self._redis.aclose()
+        except (RedisError, OSError) as exc:
+            log.debug("closing redis: %r", exc)
+        await self._local.aclose()
+
+
+def _ms(seconds: float) -> int:
+    return math.floor(seconds * 1000.0)

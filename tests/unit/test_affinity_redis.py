@@ -1,0 +1,258 @@
+"""RedisState against a real redis-server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
+
+from affinity.fingerprint import Fingerprint
+from affinity.memory import MemoryState
+from affinity.redis_state import RedisState
+from affinity.state import Outcome
+from affinity.types import AccountSpec, Demand, Snapshot
+from tests.unit.conftest_affinity import BLOCK, Clock, RedisServer, chain
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+
+A = AccountSpec("a")
+B = AccountSpec("b")
+SHARED = AccountSpec("a2", cache_domain="a")
+ANTHROPIC = AccountSpec("c", itpm_counts_cached=False)
+ACCOUNTS = (A, B, SHARED, ANTHROPIC)
+DEMAND = Demand(input_tokens=4096, output_tokens=300)
+FP = chain(1, 2, 3, 4, 5, 6, 7, 8)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server this test may pause or kill."""
+    server = RedisServer()
+    server.start()
+    yield server
+    if server.process is not None:
+        server.resume()
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer, prefix: str) -> AsyncIterator[list[RedisState]]:
+    clock = Clock(time.time())
+    states = [RedisState(redis_server.url, key_prefix=prefix, clock=clock) for _ in range(2)]
+    yield states
+    for state in states:
+        await state.aclose()
+
+
+def ok(fp: Fingerprint, **kw: int) -> Outcome:
+    fields = {
+        "input_tokens": fp.total_tokens,
+        "cached_tokens": 0,
+        "cache_write_tokens": 0,
+        "output_tokens": 100,
+        "expected_cached_tokens": 0,
+    }
+    fields.update(kw)
+    return Outcome(ok=True, **fields)
+
+
+def loads(snapshot: Snapshot) -> dict[str, tuple[float, float, float, int]]:
+    return {
+        name: (load.requests, load.input_tokens, load.output_tokens, load.in_flight)
+        for name, load in snapshot.load.items()
+    }
+
+
+async def test_replicas_share_pins_and_windows(replicas: list[RedisState]) -> None:
+    one, two = replicas
+    now = one.now()
+    await one.snapshot(ACCOUNTS, FP, now)
+    await one.begin(A, FP, DEMAND, now)
+    seen = await two.snapshot(ACCOUNTS, chain(1, 2, 3, 4, 5, 6, 7, 8, 9), now)
+    assert seen.matched == {"a": 8 * BLOCK, "a2": 8 * BLOCK}
+    assert loads(seen)["a"] == (1, 4096, 300, 1)
+    await one.end(A, FP, ok(FP, input_tokens=4000, output_tokens=120), now + 1)
+    seen = await two.snapshot(ACCOUNTS, FP, now + 1)
+    assert loads(seen)["a"] == (1, 4000, 120, 0)
+    assert one.fallbacks_total == two.fallbacks_total == 0
+
+
+async def test_same_answers_as_memory_state(redis_server: RedisServer, prefix: str) -> None:
+    clock = Clock(time.time())
+    shared = RedisState(redis_server.url, key_prefix=prefix, clock=clock)
+    local = MemoryState(clock=clock)
+    probes = [FP, chain(1, 2, 3), chain(1, 2, 3, 4, 99), chain(7, 7, 7, 7)]
+    script: list[tuple[str, AccountSpec, Fingerprint, float]] = []
+    for n in range(12):
+        fp = chain(1, 2, 3, 4, 100 + n, 200 + n)
+        account = ACCOUNTS[n % len(ACCOUNTS)]
+        script.append(("begin", account, fp, 3.0))
+        if n % 3:
+            script.append(("end", account, fp, 1.5))
+    script += [("begin", ANTHROPIC, FP, 5.0), ("begin", ANTHROPIC, FP, 40.0)]
+    script += [("end", ANTHROPIC, FP, 30.0), ("begin", B, FP, 250.0), ("begin", A, FP, 1.0)]
+    try:
+        for step, account, fp, pause in script:
+            now = clock()
+            if step == "begin":
+                await shared.snapshot(ACCOUNTS, fp, now)  # as the router does
+                await shared.begin(account, fp, DEMAND, now)
+                await local.begin(account, fp, DEMAND, now)
+            else:
+                outcome = ok(fp, input_tokens=5000, cached_tokens=2048, output_tokens=50)
+                await shared.end(account, fp, outcome, now)
+                await local.end(account, fp, outcome, now)
+            clock.t += pause
+            for probe in probes:
+                mine = await shared.snapshot(ACCOUNTS, probe, clock.t)
+                theirs = local.snapshot_now(ACCOUNTS, probe, clock.t)
+                assert mine.matched == theirs.matched
+                assert loads(mine) == loads(theirs)
+                assert mine.root_rate == pytest.approx(theirs.root_rate)
+                assert mine.shared_index == theirs.shared_index
+        assert shared.fallbacks_total == 0
+    finally:
+        await shared.aclose()
+
+
+async def test_one_snapshot_is_one_round_trip(
+    replicas: list[RedisState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = replicas[0]
+    await state.begin(A, FP, DEMAND, state.now())  # loads the scripts
+    sent: list[int] = []
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent.append(1)
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    accounts = [AccountSpec(f"acct-{i}") for i in range(20)]
+    snapshot = await state.snapshot([A, *accounts], FP, state.now())
+    assert snapshot.matched == {"a": 8 * BLOCK}
+    assert len(sent) == 1
+    await state.begin(B, FP, DEMAND, state.now())
+    await state.end(B, FP, ok(FP, expected_cached_tokens=4096), state.now())
+    assert len(sent) == 3
+
+
+def test_keys_of_one_script_share_a_slot(redis_server: RedisServer) -> None:
+    state = RedisState(redis_server.url)
+    pins = state._pin_keys(FP)
+    assert len(pins) == len(FP.hashes) - FP.pin_from
+    assert len({key_slot(k.encode()) for k in pins}) == 1
+    assert len({key_slot(k.encode()) for k in state._window_keys("acct-1")}) == 1
+    other = state._pin_keys(chain(2, 2, 2))
+    assert key_slot(other[0].encode()) != key_slot(pins[0].encode())
+
+
+async def test_pins_expire_with_the_ttl(redis_server: RedisServer, prefix: str) -> None:
+    clock = Clock(time.time())
+    state = RedisState(redis_server.url, key_prefix=prefix, clock=clock)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await state.begin(A, FP, DEMAND, clock.t)
+        await state.begin(B, replace(chain(5, 5, 5), cache_ttl=3600.0), DEMAND, clock.t)
+        ttl_ms = await raw.pttl(state._pin_keys(FP)[-1])
+        assert 299_000 < ttl_ms <= 300_000
+        clock.t += 299
+        assert (await state.snapshot([A], FP, clock.t)).matched == {"a": 8 * BLOCK}
+        clock.t += 2
+        assert (await state.snapshot([A], FP, clock.t)).matched == {}
+        assert (await state.snapshot([B], chain(5, 5, 5), clock.t)).matched == {"b": 3 * BLOCK}
+        clock.t += 62  # the window has moved on too; the request is still in flight
+        assert loads(await state.snapshot([A], FP, clock.t))["a"] == (0, 0, 0, 1)
+    finally:
+        await raw.aclose()
+        await state.aclose()
+
+
+async def test_correction_drops_shared_pins(replicas: list[RedisState]) -> None:
+    one, two = replicas
+    now = one.now()
+    await one.begin(A, FP, DEMAND, now)
+    await two.begin(B, FP, DEMAND, now)
+    await one.end(A, FP, ok(FP, expected_cached_tokens=4096), now)
+    assert (await two.snapshot(ACCOUNTS, FP, now)).matched == {"b": 4096}
+
+
+async def test_paused_redis_falls_back_fast_and_recovers(
+    own_server: RedisServer, prefix: str
+) -> None:
+    state = RedisState(own_server.url, key_prefix=prefix, socket_timeout=0.05, cooldown=0.3)
+    try:
+        await state.begin(A, FP, DEMAND, state.now())
+        own_server.pause()
+        started = time.perf_counter()
+        snapshot = await state.snapshot(ACCOUNTS, FP, state.now())
+        assert time.perf_counter() - started < 0.3
+        assert snapshot.matched == {"a": 8 * BLOCK, "a2": 8 * BLOCK}  # from the local mirror
+        assert state.circuit_open
+        assert state.fallbacks_total == 1
+        started = time.perf_counter()
+        await state.begin(B, FP, DEMAND, state.now())  # circuit open: no wait at all
+        await state.end(B, FP, ok(FP), state.now())
+        assert time.perf_counter() - started < 0.05
+        assert state.fallbacks_total == 3
+        own_server.resume()
+        await asyncio.sleep(0.35)
+        snapshot = await state.snapshot(ACCOUNTS, FP, state.now())
+        assert not state.circuit_open
+        assert state.fallbacks_total == 3
+        # served by Redis again: a fresh replica sees the same shared state
+        other = RedisState(own_server.url, key_prefix=prefix)
+        try:
+            theirs = await other.snapshot(ACCOUNTS, FP, other.now())
+            assert theirs.matched == snapshot.matched
+        finally:
+            await other.aclose()
+    finally:
+        await state.aclose()
+
+
+async def test_killed_redis_falls_back_and_restart_recovers(
+    own_server: RedisServer, prefix: str
+) -> None:
+    state = RedisState(own_server.url, key_prefix=prefix, cooldown=0.2)
+    try:
+        await state.begin(A, FP, DEMAND, state.now())
+        own_server.stop()
+        snapshot = await state.snapshot(ACCOUNTS, FP, state.now())
+        assert snapshot.matched == {"a": 8 * BLOCK, "a2": 8 * BLOCK}
+        assert state.circuit_open
+        await state.end(A, FP, ok(FP), state.now())
+        own_server.start()  # same port, empty: the scripts must be loaded again
+        await asyncio.sleep(0.25)
+        await state.begin(B, FP, DEMAND, state.now())
+        assert not state.circuit_open
+        snapshot = await state.snapshot(ACCOUNTS, FP, state.now())
+        assert snapshot.matched == {"b": 8 * BLOCK}  # only what Redis saw since the restart
+        assert state.errors_total >= 1
+    finally:
+        await state.aclose()
