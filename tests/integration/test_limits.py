@@ -20,7 +20,10 @@ async def raw_request(gw: GatewayHandle, data: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
-HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nAuthorization: Bearer sk-demo\r\n"
+HEAD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+    b"Authorization: Bearer sk-demo\r\n"
+)
 
 
 async def test_conflicting_content_length_and_transfer_encoding_is_400(
@@ -47,16 +50,16 @@ async def test_oversized_headers_are_refused(gateway: GatewayHandle) -> None:
 
 
 async def test_chunked_body_over_the_limit_is_413(gateway: GatewayHandle) -> None:
+    limit = gateway.app.config.server.max_body_bytes
     chunk = b"x" * (1 << 20)
-    parts = [HEAD, b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"]
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
-    writer.write(b"".join(parts))
-    try:
-        for _ in range(12):  # 12 MiB > the 10 MiB limit; the gateway answers before the end
-            writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-            await writer.drain()
-    except ConnectionError:
-        pass
+    writer.write(HEAD + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    # One byte past the limit and no final chunk: the gateway must answer without
+    # waiting for the rest of a body it will never accept.
+    for _ in range(limit // len(chunk)):
+        writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    writer.write(b"1\r\nx\r\n")
+    await writer.drain()
     response = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert response.split(b" ")[1] == b"413"
