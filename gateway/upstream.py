@@ -1,29 +1,45 @@
 """The terminal app: forwards the request to `ctx.account` and streams the answer back.
 
 Reads ctx.account, ctx.endpoint, ctx.raw_body, ctx.body_patch; writes ctx.upstream_status
-and ctx.first_byte. 2xx answers are streamed to the client as they arrive (every SSE
-chunk is sent on at once); any other status is raised as `UpstreamStatus` so that the
-failover middleware can decide, before a single byte has reached the client.
+and ctx.first_byte. Any status other than 2xx is raised as `UpstreamStatus` (its body
+reduced to a redacted summary) so that the failover middleware can decide before a
+single byte has reached the client.
+
+Streams are forwarded chunk by chunk as they arrive, with one exception: the preamble.
+The events a provider sends before any output (OpenAI's role chunk, Anthropic's
+`message_start` / `content_block_start` / `ping`) are held back, and the response is
+started only together with the first content-bearing event, in the same write. A stream
+that breaks during its preamble has shown the client nothing, so failover may try the
+next account and the client sees exactly one preamble; holding costs no time to first
+token. Once content has gone out, a failure ends the stream (the errors layer adds one
+terminal error event); nothing is ever replayed.
+
+Back-pressure: each chunk is read from the provider only after the previous one was
+handed to the server, whose `send` waits while the client's socket is full; aiohttp then
+stops reading its socket, and the provider is paced by the slowest reader. Nothing here
+buffers more than one chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from affinity.types import AccountSpec
 from affinity.types import Limits as SpecLimits
 from gateway.config import PROVIDER_ENDPOINTS, AccountConfig, Timeouts
-from gateway.context import RequestContext
+from gateway.context import Endpoint, RequestContext
 from gateway.errors import UpstreamError, UpstreamStatus, UpstreamTimeout
+from gateway.sse import SSEEvent, SSEParser
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +220,11 @@ class UpstreamClient:
             self._session = None
 
 
+# A provider's error type or code is passed on only when it looks like one
+# (`rate_limit_error`, `insufficient_quota`): never anything that could be a key or an id.
+_SAFE_KIND = re.compile(r"[a-z]{2,24}(?:_[a-z]{2,24}){0,4}")
+
+
 def _error_message(status: int, body: bytes) -> str:
     """A provider's error message, redacted: only its type and a known-safe summary."""
     kind = ""
@@ -214,8 +235,79 @@ def _error_message(status: int, body: bytes) -> str:
             kind = str(err.get("type") or err.get("code") or "")[:64]
     except orjson.JSONDecodeError:
         pass
-    suffix = f" ({kind})" if kind.isidentifier() else ""
+    suffix = f" ({kind})" if _SAFE_KIND.fullmatch(kind) else ""
     return f"the upstream provider answered {status}{suffix}"
+
+
+# Error types providers send inside a 200 stream, as the status they stand for.
+_STREAM_ERROR_STATUS = {
+    "overloaded_error": 529,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "api_error": 500,
+    "server_error": 500,
+}
+
+
+def _stream_error(doc: dict[str, Any], data: bytes) -> UpstreamStatus:
+    err = doc.get("error")
+    kind = err.get("type") or err.get("code") if isinstance(err, dict) else None
+    status = _STREAM_ERROR_STATUS.get(kind, 502) if isinstance(kind, str) else 502
+    return UpstreamStatus(status, _error_message(status, data))
+
+
+def _openai_preamble(event: SSEEvent) -> bool:
+    """True for a chat-completions event that carries no output yet: the role chunk
+    (`"delta": {"role": "assistant", "content": ""}`), empty `choices` (content-filter
+    results), keep-alives. Anything unrecognised counts as output and is never held."""
+    data = event.data
+    if not data:
+        return True
+    if data == b"[DONE]":
+        return False
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    if "error" in doc:
+        raise _stream_error(doc, data)
+    choices = doc.get("choices")
+    if doc.get("usage") or not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
+            return False
+        delta = choice.get("delta")
+        if not isinstance(delta, dict) or any(v for k, v in delta.items() if k != "role"):
+            return False
+    return True
+
+
+_ANTHROPIC_PREAMBLE = frozenset({"message_start", "content_block_start", "ping"})
+
+
+def _anthropic_preamble(event: SSEEvent) -> bool:
+    """True for `message_start`, `content_block_start`, `ping` and keep-alives: what comes
+    before the first `content_block_delta`."""
+    name = event.event
+    if name in _ANTHROPIC_PREAMBLE or (name is None and not event.data):
+        return True
+    if name == "error":
+        try:
+            doc = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            doc = None
+        raise _stream_error(doc if isinstance(doc, dict) else {}, event.data)
+    return False
+
+
+# Streams whose preamble is held back, by endpoint; the others start at once.
+_PREAMBLE: Mapping[Endpoint, Callable[[SSEEvent], bool]] = {
+    Endpoint.CHAT: _openai_preamble,
+    Endpoint.MESSAGES: _anthropic_preamble,
+}
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -246,10 +338,10 @@ class UpstreamApp:
         ctx = RequestContext.of(scope)
         account = ctx.account
         assert account is not None and ctx.endpoint is not None
+        ctx.upstream_status = 0  # this attempt's, not a previous one's
         url = account.urls[ctx.endpoint.value]
         body = patched_body(ctx.raw_body, ctx.body_patch, ctx.body)
         headers = forward_headers(scope["headers"], account)
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.first_byte_timeout):
                 resp = await self.client.session.post(url, data=body, headers=headers)
@@ -277,15 +369,12 @@ class UpstreamApp:
             if ctype.startswith("text/event-stream"):
                 out_headers.append((b"cache-control", b"no-cache"))
                 out_headers.append((b"x-accel-buffering", b"no"))  # nginx in front must not buffer
-                await send(
-                    {"type": "http.response.start", "status": resp.status, "headers": out_headers}
-                )
-                ctx.first_byte = time.perf_counter()
-                async with asyncio.timeout(self.idle_timeout) as idle:
-                    async for chunk in resp.content.iter_any():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        idle.reschedule(loop.time() + self.idle_timeout)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                start = {
+                    "type": "http.response.start",
+                    "status": resp.status,
+                    "headers": out_headers,
+                }
+                await self._stream(resp, start, _PREAMBLE.get(ctx.endpoint), ctx, send)
             else:
                 async with asyncio.timeout(self.idle_timeout):
                     data = await resp.read()
@@ -308,3 +397,43 @@ class UpstreamApp:
                 resp.release()
             else:
                 resp.close()
+
+    async def _stream(
+        self,
+        resp: aiohttp.ClientResponse,
+        start: Message,
+        preamble: Callable[[SSEEvent], bool] | None,
+        ctx: RequestContext,
+        send: Send,
+    ) -> None:
+        """Forward an SSE body; hold back its preamble (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        timeout = self.idle_timeout
+        holding = preamble  # None once the response has started
+        parser = SSEParser()  # fed only while holding
+        held: list[bytes] = []
+        if holding is None:
+            await send(start)
+            ctx.first_byte = time.perf_counter()
+        async with asyncio.timeout(timeout) as idle:
+            async for chunk in resp.content.iter_any():
+                if holding is not None:
+                    held.append(chunk)
+                    if all(map(holding, parser.feed(chunk))):
+                        idle.reschedule(loop.time() + timeout)
+                        continue
+                    # The first output: the response starts with it, preamble included.
+                    holding = None
+                    chunk = b"".join(held)
+                    held.clear()
+                    await send(start)
+                    ctx.first_byte = time.perf_counter()
+                # The idle clock measures the provider, not a slow reader: a client that
+                # keeps us waiting in `send` is back-pressure, not a stalled stream.
+                idle.reschedule(None)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                idle.reschedule(loop.time() + timeout)
+        if holding is not None:  # the stream ended before any output
+            await send(start)
+            ctx.first_byte = time.perf_counter()
+        await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
