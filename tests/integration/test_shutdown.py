@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 
+from gateway.emulator import EmulatorServer, LatencySpec, default_config
 from gateway.presets import DEMO_KEY, emulated_config
-from tests.conftest import Emulator, free_port
+from tests.conftest import Emulator, LoopThread, free_port
 
 DRAIN = 1.5
 
@@ -27,11 +29,11 @@ def write_config(tmp_path: Path, emulator_url: str, port: int) -> Path:
     return path
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+async def wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
-            assert proc.poll() is None, "the gateway exited during startup"
+            assert proc.returncode is None, "the gateway exited during startup"
             try:
                 async with s.get(url + "/readyz") as r:
                     if r.status == 200:
@@ -42,11 +44,25 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("the gateway did not become ready")
 
 
-async def test_sigterm_drains_streams_and_exits_zero(tmp_path: Path, emulator: Emulator) -> None:
+@pytest.fixture
+def slow_emulator(loop_thread: LoopThread) -> Iterator[Emulator]:
+    """20 ms per output token: a 4,000-token stream outlives any drain deadline."""
+    server = EmulatorServer(
+        default_config(4, latency=LatencySpec(base_ms=1, decode_ms_per_token=20))
+    )
+    loop_thread.run(server.start())
+    yield Emulator(server, loop_thread)
+    loop_thread.run(server.stop())
+
+
+async def test_sigterm_drains_streams_and_exits_zero(
+    tmp_path: Path, slow_emulator: Emulator
+) -> None:
+    emulator = slow_emulator
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
+    proc = await asyncio.create_subprocess_exec(
+        *[
             sys.executable,
             "-m",
             "gateway",
@@ -58,8 +74,8 @@ async def test_sigterm_drains_streams_and_exits_zero(tmp_path: Path, emulator: E
             "--shutdown-delay",
             "0.5",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -71,7 +87,7 @@ async def test_sigterm_drains_streams_and_exits_zero(tmp_path: Path, emulator: E
                 {
                     "model": "gpt-4o-mini",
                     "messages": [{"role": "user", "content": f"stream {i}"}],
-                    "max_tokens": 4000 if i >= 2 else 300,
+                    "max_tokens": 4000 if i >= 2 else 5,
                     "stream": True,
                 }
             )
@@ -102,12 +118,11 @@ async def test_sigterm_drains_streams_and_exits_zero(tmp_path: Path, emulator: E
                 "the gateway is shutting down"
             )
         assert elapsed < DRAIN + 2
-        assert proc.wait(10) == 0
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait()
+            await proc.wait()
         assert proc.stderr is not None
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
+        err = (await proc.stderr.read()).decode()
         assert "Traceback" not in err, err
