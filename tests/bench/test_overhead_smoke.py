@@ -1,0 +1,45 @@
+"""The overhead benchmark end to end, small: the emulator and the gateway in processes of
+their own, the direct and gateway rows only. Behaviour, not timings: every request
+answered in full, and the table names both rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_direct_and_gateway_rows(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.overhead", "--requests", "16", "--concurrency", "4"),
+            *("--repeat", "1", "--rows", "direct,gateway", "--json", str(out)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    rows = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
+    assert {"direct", "gateway"} <= rows
+
+    doc = orjson.loads(out.read_bytes())
+    measured = {m["row"]: m for m in doc["measurements"]}
+    assert set(measured) == {"direct", "gateway"}
+    for m in measured.values():
+        assert m["unavailable"] is None
+        assert m["requests"] == 16
+        assert m["ok"] == 16, m
+        assert m["statuses"] == [200]
+    summaries = {s["row"]: s for s in doc["summaries"]}
+    assert summaries["gateway"]["failed"] == 0
+    # The gateway's own process was measured; the direct row has no proxy to measure.
+    assert summaries["gateway"]["cpu_ms"] is not None
+    assert summaries["direct"]["cpu_ms"] is None
