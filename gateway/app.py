@@ -145,6 +145,8 @@ class Gateway:
 
             return RedisState(
                 config.state.redis_url,
+                key_prefix=config.state.key_prefix,
+                socket_timeout=config.state.redis_socket_timeout,
                 ttl_seconds=aff.ttl_seconds,
                 window_seconds=aff.window_seconds,
             )
@@ -154,7 +156,9 @@ class Gateway:
     def _usage_log(config: Config) -> UsageLog:
         st = config.state
         if st.redis_url:
-            return RedisUsageLog(st.redis_url, retention_seconds=st.usage_retention_seconds)
+            return RedisUsageLog(
+                st.redis_url, prefix=st.key_prefix, retention_seconds=st.usage_retention_seconds
+            )
         return MemoryUsageLog(st.usage_max_records)
 
     def _collect(self) -> Iterable[Metric]:

@@ -59,6 +59,7 @@ class Server(_Strict):
 class State(_Strict):
     redis_url: str = ""  # empty: embedded, per process
     redis_socket_timeout: Seconds = 0.05  # a slower Redis is bypassed, never waited for
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "ag"  # shared by replicas
     usage_retention_seconds: Seconds = 30 * 86400.0
     usage_max_records: PositiveInt = 100_000  # embedded log: the newest N records
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -170,8 +171,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def start_redis() -> RedisServer:
+    """A private redis-server on a free port (no persistence); the caller stops it."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI"):
@@ -190,6 +191,18 @@ def redis_server() -> Iterator[RedisServer]:
                 break
         except OSError:
             time.sleep(0.05)
-    yield RedisServer(proc, port)
-    proc.terminate()
-    proc.wait(5)
+    return RedisServer(proc, port)
+
+
+def stop_redis(server: RedisServer) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGCONT)  # in case a test left it frozen
+        server.proc.terminate()
+    server.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = start_redis()
+    yield server
+    stop_redis(server)
