@@ -78,36 +78,48 @@ class Fingerprint:
 
 
 class _Chain:
-    __slots__ = ("block_bytes", "cap", "h", "hashes", "media", "nbytes", "tokens", "ttl")
+    """The request's canonical JSON, fed segment by segment (one per message or content
+    block) in cache order, hashed as it comes: a segment's bytes are dropped right away."""
+
+    __slots__ = ("block_bytes", "h", "hashes", "media_tokens", "nbytes", "room", "tokens", "ttl")
 
     def __init__(self, h0: int, block_bytes: int, cap: int) -> None:
         self.h = h0
         self.hashes = [h0]
         self.tokens = [0]
+        self.room = cap - 1  # blocks still kept; past the cap only the chain goes on
         self.nbytes = 0
-        self.media = 0
+        self.media_tokens = 0
         self.ttl = 0.0
         self.block_bytes = block_bytes
-        self.cap = cap
 
-    def feed(self, data: bytes) -> None:
-        """One block, cut every block_bytes; past the cap only the chain goes on."""
+    def add(self, data: bytes) -> None:
+        """One segment, cut every block_bytes. The per-request hot path: locals only."""
         size = len(data)
         step = self.block_bytes
+        h = self.h
+        base = self.nbytes
         if size <= step:
-            self._push(data, size)
-            return
-        view = memoryview(data)
-        for start in range(0, size, step):
-            piece = view[start : start + step]
-            self._push(piece, len(piece))
-
-    def _push(self, piece: bytes | memoryview, size: int) -> None:
-        self.h = _hash(piece, self.h)
-        self.nbytes += size
-        if len(self.hashes) < self.cap:
-            self.hashes.append(self.h)
-            self.tokens.append((self.nbytes >> 2) + self.media)
+            h = _hash(data, h)
+            if self.room > 0:
+                self.room -= 1
+                self.hashes.append(h)
+                self.tokens.append(((base + size) >> 2) + self.media_tokens)
+        else:
+            view = memoryview(data)
+            keep = min(self.room, -(-size // step))
+            self.room -= keep
+            hashes = self.hashes
+            tokens = self.tokens
+            media = self.media_tokens
+            for start in range(0, size, step):
+                h = _hash(view[start : start + step], h)
+                if keep:
+                    keep -= 1
+                    hashes.append(h)
+                    tokens.append((min(base + start + step, base + size) >> 2) + media)
+        self.h = h
+        self.nbytes = base + size
 
     def note_cache_control(self, marker: Any) -> None:
         if isinstance(marker, Mapping) and "ttl" in marker:
@@ -117,19 +129,19 @@ class _Chain:
 
     def scrub(self, obj: Any) -> Any:
         """A copy without cache markers and with inline media replaced by their hash."""
-        if isinstance(obj, Mapping):
+        if type(obj) is dict or isinstance(obj, Mapping):
             out: dict[str, Any] = {}
             for key, value in obj.items():
                 if key == "cache_control":
                     self.note_cache_control(value)
-                elif isinstance(value, str):
+                elif type(value) is str:
                     out[key] = self._inline(key, value)
                 elif isinstance(value, Mapping | list):
                     out[key] = self.scrub(value)
                 else:
                     out[key] = value
             return out
-        if isinstance(obj, list):
+        if type(obj) is list:
             return [self.scrub(item) for item in obj]
         return obj
 
@@ -138,42 +150,39 @@ class _Chain:
             key in _INLINE_DATA_KEYS or value.startswith("data:")
         ):
             return value
-        self.media += MEDIA_TOKENS
+        self.media_tokens += MEDIA_TOKENS
         return f"xxh3:{_hash(value.encode()):016x}"
 
-    def feed_part(self, part: Any) -> None:
+    def part(self, part: Any) -> None:
         """A content block, a tool, or a system block."""
-        if isinstance(part, Mapping):
+        if type(part) is dict or isinstance(part, Mapping):
             if part.get("type") in _TEXT_PARTS:
                 if "cache_control" in part:
                     self.note_cache_control(part["cache_control"])
                     part = {k: v for k, v in part.items() if k != "cache_control"}
             else:
                 part = self.scrub(part)
-        self.feed(orjson.dumps(part, option=_SORT))
+        self.add(orjson.dumps(part, option=_SORT))
 
-    def feed_message(self, message: Any) -> None:
+    def message(self, message: Any) -> None:
         """A message or input item: its envelope, then each content block on its own."""
-        if not isinstance(message, Mapping):
-            self.feed_part(message)
+        if not (type(message) is dict or isinstance(message, Mapping)):
+            self.part(message)
             return
         content = message.get("content")
-        if isinstance(content, list):
-            envelope = {k: v for k, v in message.items() if k != "content"}
-            self.feed_part(envelope)
+        if type(content) is list:
+            self.part({k: v for k, v in message.items() if k != "content"})
             for part in content:
-                self.feed_part(part)
-        elif isinstance(content, str) and "cache_control" not in message:
-            self.feed(orjson.dumps(message, option=_SORT))
+                self.part(part)
+        elif type(content) is str and "cache_control" not in message:
+            self.add(orjson.dumps(message, option=_SORT))
         else:
-            self.feed(orjson.dumps(self.scrub(message), option=_SORT))
+            self.add(orjson.dumps(self.scrub(message), option=_SORT))
 
-    def feed_all(self, items: Iterable[Any], *, messages: bool) -> None:
+    def all(self, items: Iterable[Any], *, messages: bool) -> None:
+        add = self.message if messages else self.part
         for item in items:
-            if messages:
-                self.feed_message(item)
-            else:
-                self.feed_part(item)
+            add(item)
 
 
 def fingerprint(
@@ -185,27 +194,25 @@ def fingerprint(
     max_blocks: int = 512,
     session_hint: str | None = None,
 ) -> Fingerprint:
-    model = body.get("model")
-    chain = _Chain(_hash(orjson.dumps(model)), block_bytes, max_blocks)
-
+    chain = _Chain(_hash(orjson.dumps(body.get("model"))), block_bytes, max_blocks)
     tools = body.get(_TOOLS)
-    if isinstance(tools, list):
-        chain.feed_all(tools, messages=False)
+    if type(tools) is list:
+        chain.all(tools, messages=False)
     settings = {key: body[key] for key in _SETTINGS[kind] if body.get(key) is not None}
     if settings:
-        chain.feed_part(settings)
+        chain.part(settings)
     system_key = _SYSTEM[kind]
     if system_key is not None:
         system = body.get(system_key)
-        if isinstance(system, list):
-            chain.feed_all(system, messages=False)
+        if type(system) is list:
+            chain.all(system, messages=False)
         elif system is not None:
-            chain.feed_part(system)
+            chain.part(system)
     turns = body.get(_TURNS[kind])
-    if isinstance(turns, list):
-        chain.feed_all(turns, messages=True)
+    if type(turns) is list:
+        chain.all(turns, messages=True)
     elif turns is not None:
-        chain.feed_part(turns)
+        chain.part(turns)
 
     hashes = chain.hashes
     tokens = chain.tokens
@@ -227,7 +234,7 @@ def fingerprint(
         hashes=tuple(hashes),
         tokens=tuple(tokens),
         root=root,
-        total_tokens=(chain.nbytes >> 2) + chain.media,
+        total_tokens=(chain.nbytes >> 2) + chain.media_tokens,
         session=session,
         full=full,
         pin_from=pin_from,

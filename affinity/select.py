@@ -26,7 +26,7 @@ from typing import Literal
 
 from affinity.fingerprint import Fingerprint
 from affinity.rendezvous import key_of, rank
-from affinity.types import IDLE, AccountSpec, Demand, Snapshot
+from affinity.types import IDLE, AccountLoad, AccountSpec, Demand, Limits, Snapshot
 
 Mode = Literal["prefix", "session", "fixed", "off"]
 REASONS = (
@@ -117,7 +117,9 @@ class Selector:
             reason = "fixed" if pick is order[0] else "spill_headroom"
             return _choice(pick, eligible, reason, matched.get(pick.name, 0))
 
-        best = max(eligible, key=lambda a: matched.get(a.name, 0))  # first of equals: HRW
+        best = eligible[0]
+        if matched:  # first of equals: HRW order
+            best = max(eligible, key=lambda a: matched.get(a.name, 0))
         best_tokens = matched.get(best.name, 0)
 
         if mode == "prefix":
@@ -142,29 +144,22 @@ class Selector:
         self, account: AccountSpec, demand: Demand, snap: Snapshot, alpha: float | None = None
     ) -> bool:
         """Would this request keep the account within alpha of every limit it has?"""
-        alpha = self.alpha if alpha is None else alpha
-        load = snap.load.get(account.name, IDLE)
-        input_tokens = self._counted(account, demand, snap)
-        if load.remaining_requests is not None and load.remaining_requests <= 0:
-            return False
-        if load.remaining_tokens is not None and load.remaining_tokens < input_tokens:
-            return False
-        limits = account.limits
-        return (
-            (limits.rpm is None or _room(load.requests, 1, limits.rpm, alpha))
-            and (limits.itpm is None or _room(load.input_tokens, input_tokens, limits.itpm, alpha))
-            and (
-                limits.otpm is None
-                or _room(load.output_tokens, demand.output_tokens, limits.otpm, alpha)
-            )
-            and (limits.concurrency is None or _room(load.in_flight, 1, limits.concurrency, alpha))
+        need_in = demand.input_tokens
+        if not account.itpm_counts_cached:
+            # The live match is the cache read we expect; reads are not counted there.
+            need_in = max(0, need_in - snap.matched.get(account.name, 0))
+        return _fits(
+            account.limits,
+            snap.load.get(account.name, IDLE),
+            need_in,
+            demand.output_tokens,
+            self.alpha if alpha is None else alpha,
         )
 
     @staticmethod
     def _counted(account: AccountSpec, demand: Demand, snap: Snapshot) -> int:
         if account.itpm_counts_cached:
             return demand.input_tokens
-        # The live match is the cache read we expect; reads are not counted there.
         return max(0, demand.input_tokens - snap.matched.get(account.name, 0))
 
     def _saturated(self, pool: list[AccountSpec], demand: Demand, snap: Snapshot) -> Choice:
@@ -292,6 +287,37 @@ class Selector:
                 pick = account
         credit[pick.name] -= total
         return _choice(pick, eligible, "round_robin", snap.matched.get(pick.name, 0))
+
+
+def _fits(limits: Limits, load: AccountLoad, need_in: int, need_out: int, alpha: float) -> bool:
+    # _room() inlined for each limit: this runs for every account of a pool on every request.
+    remaining = load.remaining_requests
+    if remaining is not None and remaining <= 0:
+        return False
+    remaining = load.remaining_tokens
+    if remaining is not None and remaining < need_in:
+        return False
+    limit = limits.rpm
+    if limit is not None:
+        used: float = load.requests
+        if used + 1 > alpha * limit and (used > 0 or limit < 1):
+            return False
+    limit = limits.itpm
+    if limit is not None:
+        used = load.input_tokens
+        if used + need_in > alpha * limit and (used > 0 or need_in > limit):
+            return False
+    limit = limits.otpm
+    if limit is not None:
+        used = load.output_tokens
+        if used + need_out > alpha * limit and (used > 0 or need_out > limit):
+            return False
+    limit = limits.concurrency
+    if limit is not None:
+        used = load.in_flight
+        if used + 1 > alpha * limit and (used > 0 or limit < 1):
+            return False
+    return True
 
 
 def _room(used: float, need: float, limit: float, alpha: float) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +52,12 @@ class Outcome:
     expected_cached_tokens: int  # 0 when the caller expected no hit or cannot tell
 
 
-@dataclass(frozen=True, slots=True)
-class AccountLoad:
-    """One account's use of its sliding window, plus what its provider last told us."""
+class AccountLoad(NamedTuple):
+    """One account's use of its sliding window, plus what its provider last told us.
+
+    A named tuple rather than a frozen dataclass: a snapshot builds one per account of
+    the pool on every request, and a frozen dataclass costs several times more to build.
+    """
 
     requests: float = 0.0
     input_tokens: float = 0.0  # as counted against input TPM (uncached only where applicable)

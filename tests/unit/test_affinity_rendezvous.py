@@ -8,7 +8,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from affinity.rendezvous import rank
+from affinity.rendezvous import rank, score
 from affinity.types import AccountSpec
 
 KEYS = st.integers(min_value=0, max_value=2**64 - 1)
@@ -23,9 +23,16 @@ def owner(key: int, accounts: list[AccountSpec]) -> str:
 
 
 @settings(max_examples=300)
-@given(key=KEYS, n=st.integers(min_value=2, max_value=12), data=st.data())
-def test_removing_an_account_moves_only_its_keys(key: int, n: int, data: st.DataObject) -> None:
-    accounts = pool(n)
+@given(
+    key=KEYS,
+    weights=st.lists(st.sampled_from([1.0, 0.5, 2.0, 3.0]), min_size=2, max_size=12),
+    data=st.data(),
+)
+def test_removing_an_account_moves_only_its_keys(
+    key: int, weights: list[float], data: st.DataObject
+) -> None:
+    n = len(weights)
+    accounts = [AccountSpec(f"acct-{i}", weight=w) for i, w in enumerate(weights)]
     gone = data.draw(st.integers(min_value=0, max_value=n - 1))
     rest = accounts[:gone] + accounts[gone + 1 :]
     before = rank(key, accounts)
@@ -54,6 +61,14 @@ def test_adding_an_account_moves_about_one_in_n_plus_one() -> None:
             assert after == "acct-new"  # keys only ever move to the newcomer
             moved += 1
     assert abs(moved / len(keys) - 1 / 10) < 0.01
+
+
+def test_equal_weights_rank_as_weighted_scores_do() -> None:
+    """The equal-weight shortcut orders exactly as the weighted formula would."""
+    accounts = pool(50)
+    for key in range(0, 10_000, 37):
+        expected = sorted(accounts, key=lambda a: score(key, a), reverse=True)
+        assert rank(key, accounts) == expected
 
 
 def test_weights_are_honoured() -> None:
