@@ -27,7 +27,8 @@ from gateway.errors import (
 )
 from gateway.health import Health
 from gateway.metrics import Metrics
-from gateway.upstream import Account
+from gateway.sse import SSEEvent, SSEParser
+from gateway.upstream import Account, _anthropic_preamble, _error_message, _openai_preamble
 from middleware.failover import FailoverMiddleware, RetryBudget
 from tests.asgi import make_ctx, make_scope
 
@@ -375,3 +376,76 @@ def test_budget_bounds_total_retries_by_a_share_of_requests() -> None:
     # The window decays: an hour later the floor of 3 is all that is left to spend.
     clock.t += 3600
     assert [budget.try_retry() for _ in range(4)] == [True, True, True, False]
+
+
+# --- what upstream tells failover: preamble events, in-stream errors, redaction -------------
+
+
+def sse(raw: bytes) -> SSEEvent:
+    (event,) = SSEParser().feed(raw)
+    return event
+
+
+@pytest.mark.parametrize(
+    ("raw", "held"),
+    [
+        (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n', True),
+        (
+            b'data: {"choices":[{"delta":{"role":"assistant","content":null,"refusal":null}}]}\n\n',
+            True,
+        ),
+        (b'data: {"choices":[],"prompt_filter_results":[]}\n\n', True),
+        (b": keep-alive\n\n", True),
+        (b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n', False),
+        (b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}\n\n', False),
+        (b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n', False),
+        (b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\n', False),
+        (b"data: [DONE]\n\n", False),
+        (b"data: not json\n\n", False),
+    ],
+)
+def test_openai_preamble_is_only_what_carries_no_output(raw: bytes, held: bool) -> None:
+    assert _openai_preamble(sse(raw)) is held
+
+
+@pytest.mark.parametrize(
+    ("raw", "held"),
+    [
+        (b'event: message_start\ndata: {"type":"message_start"}\n\n', True),
+        (b'event: content_block_start\ndata: {"type":"content_block_start"}\n\n', True),
+        (b'event: ping\ndata: {"type":"ping"}\n\n', True),
+        (b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n', False),
+        (b'event: message_delta\ndata: {"type":"message_delta"}\n\n', False),
+    ],
+)
+def test_anthropic_preamble_ends_at_the_first_delta(raw: bytes, held: bool) -> None:
+    assert _anthropic_preamble(sse(raw)) is held
+
+
+def test_an_error_event_during_the_preamble_is_a_retryable_status() -> None:
+    raw = (
+        b"event: error\n"
+        b'data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    )
+    with pytest.raises(UpstreamStatus) as info:
+        _anthropic_preamble(sse(raw))
+    assert info.value.status == 529
+    assert info.value.message == "the upstream provider answered 529 (overloaded_error)"
+    with pytest.raises(UpstreamStatus) as oai:
+        _openai_preamble(sse(b'data: {"error":{"message":"sk-x","type":"server_error"}}\n\n'))
+    assert oai.value.status == 500 and "sk-x" not in oai.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"error":{"type":"rate_limit_error","message":"slow down"}}', "(rate_limit_error)"),
+        (b'{"error":{"code":"insufficient_quota","message":"pay"}}', "(insufficient_quota)"),
+        (b'{"error":{"type":"sk_live_9f8e7d6c5b4a3","message":"x"}}', ""),
+        (b'{"error":{"type":"sk-proj-AbC123","message":"x"}}', ""),
+        (b"<html>key sk-abc</html>", ""),
+    ],
+)
+def test_provider_error_bodies_are_reduced_to_a_safe_summary(body: bytes, message: str) -> None:
+    text = _error_message(400, body)
+    assert text == f"the upstream provider answered 400 {message}".rstrip()
