@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import xxhash
+
 from affinity.fingerprint import Fingerprint
 from affinity.rendezvous import key_of, rank
 from affinity.types import IDLE, AccountLoad, AccountSpec, Demand, Limits, Snapshot
@@ -50,6 +52,10 @@ class Choice:
     reason: str
     matched_tokens: int  # expected cache read on candidates[0]
     retry_after: float | None  # when saturated: seconds until some account has headroom
+    # For providers that route their own cache by a key (OpenAI's prompt_cache_key): the
+    # routing key, or for a hot root the conversation's own share of it, so that no one
+    # key carries the whole crowd. None when there is no affinity.
+    cache_key: int | None = None
 
 
 class Selector:
@@ -115,7 +121,7 @@ class Selector:
         if mode == "fixed":
             pick = eligible[0]
             reason = "fixed" if pick is order[0] else "spill_headroom"
-            return _choice(pick, eligible, reason, matched.get(pick.name, 0))
+            return _choice(pick, eligible, reason, matched.get(pick.name, 0), key)
 
         best = eligible[0]
         if matched:  # first of equals: HRW order
@@ -128,7 +134,7 @@ class Selector:
                 return spread
 
         if best_tokens >= self.min_tokens:
-            return _choice(best, eligible, "longest_match", best_tokens)
+            return _choice(best, eligible, "longest_match", best_tokens, key)
         pick = self._placement(pool, eligible, demand, snap)
         if pick is not order[0]:
             reason = "spill_headroom"
@@ -136,7 +142,7 @@ class Selector:
             reason = "session"
         else:
             reason = "rendezvous"
-        return _choice(pick, eligible, reason, matched.get(pick.name, 0))
+        return _choice(pick, eligible, reason, matched.get(pick.name, 0), key)
 
     # --- headroom -----------------------------------------------------------------------
 
@@ -248,10 +254,11 @@ class Selector:
         own = rank(conversation, top)[0]
         matched = snap.matched
         own_tokens = matched.get(own.name, 0)
+        cache_key = _mix(fp.root, conversation)
         # A conversation whose own history is cached elsewhere stays there.
         if best is not own and best_tokens - max(own_tokens, shared_tokens) >= self.min_tokens:
-            return _choice(best, eligible, "longest_match", best_tokens)
-        return _choice(own, eligible, "hot_spread", own_tokens)
+            return _choice(best, eligible, "longest_match", best_tokens, cache_key)
+        return _choice(own, eligible, "hot_spread", own_tokens, cache_key)
 
     def _hot_k(
         self, order: list[AccountSpec], demand: Demand, snap: Snapshot, shared_tokens: int
@@ -320,10 +327,20 @@ def _fits(limits: Limits, load: AccountLoad, need_in: int, need_out: int, alpha:
     return True
 
 
+def _mix(root: int, conversation: int) -> int:
+    return xxhash.xxh3_64_intdigest(conversation.to_bytes(8, "little"), root)
+
+
 def _room(used: float, need: float, limit: float, alpha: float) -> bool:
     return used + need <= alpha * limit or (used <= 0 and need <= limit)
 
 
-def _choice(pick: AccountSpec, eligible: list[AccountSpec], reason: str, matched: int) -> Choice:
+def _choice(
+    pick: AccountSpec,
+    eligible: list[AccountSpec],
+    reason: str,
+    matched: int,
+    cache_key: int | None = None,
+) -> Choice:
     rest = tuple(a for a in eligible if a is not pick)
-    return Choice((pick, *rest), reason, matched, None)
+    return Choice((pick, *rest), reason, matched, None, cache_key)

@@ -9,8 +9,7 @@ one round trip; ``begin``/``end`` bracket one upstream attempt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from affinity.fingerprint import Fingerprint
 from affinity.types import AccountSpec, Demand, Snapshot
@@ -75,8 +74,7 @@ def should_unpin(fp: Fingerprint, result: Outcome) -> bool:
     return fp.pin_from < len(fp.tokens) and result.expected_cached_tokens >= fp.tokens[fp.pin_from]
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(NamedTuple):
     """What begin() counted in the windows, so end() can swap it for the real figures."""
 
     input_tokens: int
@@ -110,12 +108,8 @@ class Ledger:
             del self._open[key]
         return admitted
 
-    def __len__(self) -> int:
-        return sum(len(entries) for entries in self._open.values())
 
-
-@dataclass(frozen=True, slots=True)
-class HeaderReading:
+class HeaderReading(NamedTuple):
     remaining_requests: int | None
     remaining_tokens: int | None
     until: float

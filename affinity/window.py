@@ -66,6 +66,3 @@ class SlidingWindow:
         """(requests, input tokens, output tokens) in the window ending now."""
         self._roll(now)
         return self.requests, self.input, self.output
-
-    def idle(self, now: float) -> bool:
-        return self.totals(now) == (0, 0, 0)

@@ -321,3 +321,18 @@ def test_new_prefixes_leave_a_reserve_for_cached_ones() -> None:
     everyone = {name: AccountLoad(requests=72) for name in order}
     choice = selector.choose(accounts, FP, DEMAND, snap(load=everyone), mode="prefix")
     assert (choice.candidates[0].name, choice.reason) == (order[0], "rendezvous")
+
+
+def test_cache_key_follows_the_root_and_shards_hot_roots_by_conversation() -> None:
+    accounts = pool(8, Limits(rpm=100))
+    cold = Selector().choose(accounts, FP, DEMAND, snap(), mode="prefix")
+    assert cold.cache_key == FP.root
+    hot = snap(root_rate=200.0, shared_index=4)
+    keys = {}
+    for own in range(20):
+        first = hot_selector().choose(accounts, conversation(own, 2), DEMAND, hot, mode="prefix")
+        later = hot_selector().choose(accounts, conversation(own, 5), DEMAND, hot, mode="prefix")
+        assert first.cache_key == later.cache_key
+        keys[own] = first.cache_key
+    assert len(set(keys.values())) == 20
+    assert Selector().choose(accounts, FP, DEMAND, snap(), mode="off").cache_key is None
