@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -424,3 +425,42 @@ def test_the_numbers_mean_what_the_panels_say(observed: tuple[Prometheus, str]) 
     assert max(float(s["value"][1]) for s in prom.vector("account:gateway_upstream_429:rate5m")) > 0
     assert prom.value('group:gateway_requests_5xx:ratio_rate5m{group="default"}') > 0
     assert prom.vector("gateway_usage_estimated_total")
+
+
+def label_values_in(exposition: str, label: str) -> set[str]:
+    pattern = re.compile(rf'[{{,]{label}="((?:[^"\\]|\\.)*)"')
+    return {
+        value
+        for line in exposition.splitlines()
+        if line.startswith("gateway_")
+        for value in pattern.findall(line)
+    }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="metering labels gateway_requests_total with the body's model even when no group"
+    " serves it: callers can create series at will",
+)
+def test_model_labels_are_configured_models(
+    stack: tuple[Emulator, GatewayHandle], observed: tuple[Prometheus, str]
+) -> None:
+    _, gw = stack
+    _, exposition = observed
+    configured = {m for g in gw.app.config.groups.values() for m in g.models}
+    assert label_values_in(exposition, "model") <= configured | {""}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="metering drops the usage chunk it asked for before reading it: plain OpenAI"
+    " streams are counted as estimated",
+)
+def test_only_cut_streams_are_estimated(observed: tuple[Prometheus, str]) -> None:
+    _, exposition = observed
+    estimated = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line.startswith("gateway_usage_estimated_total{")
+    )
+    assert estimated == 1  # the one stream trouble() cut
