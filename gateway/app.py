@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
+from importlib import resources
 from urllib.parse import parse_qs
 
 import orjson
@@ -30,6 +32,7 @@ from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.pricing import Price
 from gateway.ratelimit import TokenLimiter
+from gateway.stats import cache_stats
 from gateway.upstream import Account, UpstreamApp, UpstreamClient
 from gateway.usagelog import MemoryUsageLog, Query, RedisUsageLog, UsageLog
 from middleware.auth import AuthMiddleware
@@ -43,6 +46,7 @@ from middleware.prefix import PrefixMiddleware
 log = logging.getLogger(__name__)
 
 _PROXIED = {f"/v1/{e.value}" for e in Endpoint}
+_DASHBOARD = (resources.files("gateway") / "static" / "dashboard.html").read_bytes()
 
 
 async def _respond(
@@ -245,6 +249,9 @@ class Gateway:
                 await _respond(
                     send, 200 if ok else 503, b'{"ready":%s}' % (b"true" if ok else b"false")
                 )
+            elif path == "/dashboard" and scope["method"] == "GET":
+                # Static: it asks for a key and reads /v1/cache/stats with it.
+                await _respond(send, 200, _DASHBOARD, b"text/html; charset=utf-8")
             elif path == "/metrics":
                 await _respond(send, 200, self.metrics.render(), b"text/plain; version=0.0.4")
             else:
@@ -264,6 +271,16 @@ class Gateway:
             return
         if path == "/v1/usage/logs" and method == "GET":
             await _respond(send, 200, await self._usage(scope, ctx.principal))
+            return
+        if path == "/v1/cache/stats" and method == "GET":
+            principal = ctx.principal
+            q = Query(
+                token=None if principal.admin else principal.token,
+                start=time.time() - 86400,
+                limit=100_000,
+            )
+            stats = cache_stats(await self.usage_log.query(q))
+            await _respond(send, 200, orjson.dumps({"window_seconds": 86400, **stats}))
             return
         raise NotFound(f"no route for {method} {path}")
 
