@@ -119,14 +119,15 @@ class MeteringMiddleware:
                     # Providers send about one token per content event; the JSON around
                     # it is not output, so count events, not bytes, for an estimate.
                     streamed += 1
-                if drop_usage_chunk and stream.is_usage_only_chunk(event):
-                    continue
-                usage = stream.result()
-                if usage is not None and b'"usage"' in event.data:
-                    ctx.usage = usage
-                    out.append(add_usage_fields_to_event(event, price(usage)))
-                else:
+                usage = stream.result() if b'"usage"' in event.data else None
+                if usage is None:
                     out.append(event.raw)
+                    continue
+                ctx.usage = usage
+                fields = price(usage)
+                if drop_usage_chunk and stream.is_usage_only_chunk(event):
+                    continue  # asked for on the caller's behalf: read, priced, not forwarded
+                out.append(add_usage_fields_to_event(event, fields))
             if not message.get("more_body", False):
                 out.append(parser.flush())
             more = message.get("more_body", False)
@@ -215,7 +216,10 @@ class MeteringMiddleware:
         m = self.metrics
         group = ctx.route.group if ctx.route else (ctx.plan[0].group if ctx.plan else "")
         endpoint = ctx.endpoint.value if ctx.endpoint else ""
-        m.requests.labels(endpoint, group, ctx.model, _status_class(status)).inc()
+        # Only a configured model (one with a plan) may become a label value: the body's
+        # model of a refused request is the caller's free text.
+        model = ctx.model if ctx.plan else ""
+        m.requests.labels(endpoint, group, model, _status_class(status)).inc()
         now = time.perf_counter()
         m.request_seconds.labels(endpoint, group).observe(now - ctx.started)
         if ctx.first_byte is not None:
@@ -224,14 +228,14 @@ class MeteringMiddleware:
         if usage is None or ctx.account is None:
             return
         account = ctx.account.name
-        m.prompt_tokens.labels(group, ctx.model, account).inc(usage.prompt_tokens)
-        m.cached_tokens.labels(group, ctx.model, account).inc(usage.cached_tokens)
-        m.cache_write_tokens.labels(group, ctx.model, account).inc(usage.cache_write_tokens)
-        m.completion_tokens.labels(group, ctx.model, account).inc(usage.completion_tokens)
+        m.prompt_tokens.labels(group, model, account).inc(usage.prompt_tokens)
+        m.cached_tokens.labels(group, model, account).inc(usage.cached_tokens)
+        m.cache_write_tokens.labels(group, model, account).inc(usage.cache_write_tokens)
+        m.completion_tokens.labels(group, model, account).inc(usage.completion_tokens)
         if usage.estimated:
-            m.usage_estimated.labels(group, ctx.model).inc()
+            m.usage_estimated.labels(group, model).inc()
         if ctx.cost is not None:
-            m.cost.labels(group, ctx.model).inc(ctx.cost)
+            m.cost.labels(group, model).inc(ctx.cost)
             # Discounts can be negative (a cache write costs more than it saved yet), and
             # counters only grow: export the no-cache price; savings = it - cost.
-            m.uncached_cost.labels(group, ctx.model).inc(ctx.cost + ctx.cache_discount)
+            m.uncached_cost.labels(group, model).inc(ctx.cost + ctx.cache_discount)
