@@ -156,6 +156,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def cmd_usage_export(args: argparse.Namespace) -> int:
+    from gateway.savings import cmd_export
+
+    return cmd_export(args)
+
+
+def cmd_savings(args: argparse.Namespace) -> int:
+    from gateway.savings import cmd_savings as run
+
+    return run(args)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from affinity.simulate import main as simulate
+
+    return simulate(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="affinity-gateway",
@@ -200,6 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     emulate = sub.add_parser("emulate", help="run the provider emulator")
     emulator.add_arguments(emulate)
     emulate.set_defaults(func=cmd_emulate)
+
+    usage = sub.add_parser("usage", help="usage log tools")
+    usage_sub = usage.add_subparsers(dest="usage_command", required=True)
+    export = usage_sub.add_parser("export", help="write a gateway's usage log as JSONL or CSV")
+    export.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    export.add_argument("--key", required=True, help="an API key (an admin key exports all)")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--output", default="-", help="file, or - for standard output")
+    export.set_defaults(func=cmd_usage_export)
+
+    savings = sub.add_parser("savings", help="what caching saved, from a usage export")
+    savings.add_argument("file", help="a usage export (.jsonl or .csv)")
+    savings.add_argument(
+        "--what-if-round-robin", action="store_true", help="estimate a pool without affinity"
+    )
+    savings.add_argument("--accounts", type=int, default=8, help="pool size for the estimate")
+    savings.set_defaults(func=cmd_savings)
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="replay a trace offline through the affinity code (see: simulate --help)",
+        add_help=False,
+    )
+    simulate.add_argument("args", nargs=argparse.REMAINDER)
+    simulate.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser("demo", help="emulator + gateway + a workload, then a table")
     demo.add_argument("--requests", type=int, default=0, help="0: the built-in workload")

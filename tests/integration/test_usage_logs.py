@@ -8,6 +8,7 @@ import aiohttp
 import openai
 import orjson
 
+from gateway.savings import fetch_all
 from gateway.usagelog import Query, RedisUsageLog, UsageRecord
 from tests.conftest import GatewayHandle, RedisServer
 
@@ -128,3 +129,11 @@ async def test_redis_log_buffers_while_redis_is_away() -> None:
     assert log.failures == 1
     assert len(log._buffer) == 1  # kept for later, not lost
     await log.aclose()
+
+
+async def test_usage_export_pages_through_the_log(gateway: GatewayHandle) -> None:
+    ids = {_call(gateway, "sk-demo", f"export {i}") for i in range(3)}
+    records = await fetch_all(gateway.url, "sk-demo", page=2)
+    assert ids <= {r["request_id"] for r in records}
+    assert {r["token"] for r in records} == {"demo"}
+    assert len({r["request_id"] for r in records}) == len(records)  # paging repeats nothing
