@@ -210,7 +210,9 @@ def test_client_key_and_cookies_never_reach_the_provider(
     assert "s3cr3t" not in dumped and "goog-leak" not in dumped
     for entry in seen:
         headers = {k.lower(): v for k, v in entry["headers"].items()}
-        credential = headers.get("authorization", "").removeprefix("Bearer ") or headers.get("x-api-key")
+        credential = headers.get("authorization", "").removeprefix("Bearer ") or headers.get(
+            "x-api-key"
+        )
         assert credential is not None and credential.startswith("sk-emu-")
 
 
