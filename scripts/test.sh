@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need, then lint, type-check and run the suite.
-# Works on a fresh machine: makes .venv, installs redis-server when it is missing.
+# Works on a fresh machine: makes .venv, installs redis-server, prometheus and chromium
+# from the distribution when they are missing (the tests start and stop their own).
 # Extra arguments go to pytest (e.g. --run-slow for benchmark-grade runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,12 +13,19 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "installing redis-server"
+# Services and browsers the integration tests drive for real; the tests start and stop
+# their own instances on free ports.
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
-  # The package may start a system-wide server; the tests start their own on free ports.
-  $SUDO service redis-server stop >/dev/null 2>&1 || true
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Packages may start system-wide servers; the tests use their own.
+  for svc in redis-server prometheus; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 echo "== ruff";  .venv/bin/ruff check .
