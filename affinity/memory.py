@@ -21,15 +21,55 @@ from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, Snapshot
 from affinity.window import SlidingWindow
 
 WINDOW_BUCKETS = 30
+_PURGE_PER_REQUEST = 8
 
 
 class _Pin:
-    __slots__ = ("domains", "rate", "rate_at")
+    """One block: where it is cached until when, and how busy it is.
 
-    def __init__(self) -> None:
-        self.domains: dict[str, float] = {}  # cache domain -> expiry
+    Most blocks live in one cache domain, so that one is kept inline and only further
+    domains get a dict: a million pins is a few hundred MB less this way.
+    """
+
+    __slots__ = ("domain", "expires", "others", "rate", "rate_at")
+
+    def __init__(self, domain: str, expires: float) -> None:
+        self.domain = domain
+        self.expires = expires
+        self.others: dict[str, float] | None = None
         self.rate = 0.0  # decayed request count, as of rate_at
         self.rate_at = 0.0
+
+    def expiry(self, domain: str) -> float:
+        if domain == self.domain:
+            return self.expires
+        return self.others.get(domain, 0.0) if self.others else 0.0
+
+    def extend(self, domain: str, expires: float) -> None:
+        if domain == self.domain:
+            if expires > self.expires:
+                self.expires = expires
+        elif self.others is None:
+            self.others = {domain: expires}
+        elif self.others.get(domain, 0.0) < expires:
+            self.others[domain] = expires
+
+    def drop(self, domain: str) -> None:
+        if domain == self.domain:
+            self.expires = 0.0
+        elif self.others:
+            self.others.pop(domain, None)
+
+    def live(self, now: float) -> dict[str, float]:
+        domains = {self.domain: self.expires} if self.expires > now else {}
+        if self.others:
+            domains.update((d, e) for d, e in self.others.items() if e > now)
+        return domains
+
+    def expired(self, now: float) -> bool:
+        return self.expires <= now and not (
+            self.others and any(e > now for e in self.others.values())
+        )
 
 
 class MemoryState:
@@ -61,7 +101,7 @@ class MemoryState:
 
     def _live(self, fp: Fingerprint, index: int, domain: str, now: float) -> bool:
         pin = self._pins.get(fp.hashes[index])
-        return pin is not None and pin.domains.get(domain, 0.0) > now
+        return pin is not None and pin.expiry(domain) > now
 
     def _deepest_live(self, fp: Fingerprint, domain: str, now: float) -> int:
         """Index of the deepest block live in ``domain``, or -1."""
@@ -107,21 +147,27 @@ class MemoryState:
             key = fp.hashes[index]
             pin = pins.get(key)
             if pin is None:
-                pin = pins[key] = _Pin()
+                pin = pins[key] = _Pin(domain, expires)
             else:
                 pins.move_to_end(key)
-            if pin.domains.get(domain, 0.0) < expires:
-                pin.domains[domain] = expires
+                pin.extend(domain, expires)
             pin.rate = pin.rate * math.exp((pin.rate_at - now) / decay_window) + 1.0
             pin.rate_at = now
         while len(pins) > self.max_pins:
+            pins.popitem(last=False)
+        # The least recently used pins are, TTLs being alike, the first to expire: dropping
+        # a few expired ones per request keeps memory in line with what is live.
+        for _ in range(_PURGE_PER_REQUEST):
+            oldest = next(iter(pins.values()), None)
+            if oldest is None or not oldest.expired(now):
+                break
             pins.popitem(last=False)
 
     def _unpin(self, fp: Fingerprint, domain: str) -> None:
         for index in range(fp.pin_from, len(fp.hashes)):
             pin = self._pins.get(fp.hashes[index])
             if pin is not None:
-                pin.domains.pop(domain, None)
+                pin.drop(domain)
 
     # --- the protocol -----------------------------------------------------------------
 
@@ -139,10 +185,7 @@ class MemoryState:
         if fp.pin_from < len(fp.hashes):
             root = self._pins.get(fp.hashes[fp.pin_from])
             if root is not None:
-                by_domain: dict[str, int] = {}
-                for domain, expires in root.domains.items():
-                    if expires > now:
-                        by_domain[domain] = self.match(fp, domain, now)
+                by_domain = {domain: self.match(fp, domain, now) for domain in root.live(now)}
                 if by_domain:
                     for account in accounts:
                         tokens = by_domain.get(account.cache_domain)

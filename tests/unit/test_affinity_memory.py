@@ -203,3 +203,28 @@ async def test_router_brackets_requests_and_counts_decisions() -> None:
     )
     assert router.decisions == {"rendezvous": 1, "longest_match": 1}
     await router.aclose()
+
+
+async def test_expired_pins_are_purged_as_traffic_goes_on() -> None:
+    clock = Clock()
+    state = MemoryState(ttl_seconds=300, clock=clock)
+    for n in range(20):
+        await state.begin(A, chain(100 + n, 1, 2, 3, 4), DEMAND, clock.t)
+    assert state.pin_count() == 80
+    clock.t += 301
+    for n in range(20):
+        await state.begin(A, chain(500 + n, 1), DEMAND, clock.t)
+    # every request's purge dropped expired pins; the live ones all stayed
+    assert state.pin_count() == 20
+    assert all(matched(state, chain(500 + n, 1)) for n in range(20))
+
+
+async def test_one_block_cached_in_several_domains() -> None:
+    clock = Clock()
+    state = MemoryState(clock=clock)
+    await state.begin(A, FP, DEMAND, clock.t)
+    await state.begin(B, FP, DEMAND, clock.t + 100)
+    clock.t += 350  # A's copy has expired, B's has not
+    assert matched(state, FP) == {"b": 8 * BLOCK}
+    await state.end(B, FP, ok(FP, expected_cached_tokens=4096), clock.t)
+    assert matched(state, FP) == {}
