@@ -195,6 +195,26 @@ class Gateway:
             )
             g.add_metric([], 1.0 if getattr(self.state, "circuit_open", False) else 0.0)
             yield g
+        util = GaugeMetricFamily(
+            "gateway_account_window_utilization",
+            "Share of each account limit used in the current window (1 = at the limit), as of"
+            " the last routing decision that read it.",
+            labels=["account", "limit"],
+        )
+        for name, account in self.accounts.items():
+            load = self.router.loads.get(name)
+            if load is None:
+                continue
+            lim = account.spec.limits
+            for label, used, limit in (
+                ("rpm", load.requests, lim.rpm),
+                ("itpm", load.input_tokens, lim.itpm),
+                ("otpm", load.output_tokens, lim.otpm),
+                ("concurrency", load.in_flight, lim.concurrency),
+            ):
+                if limit:
+                    util.add_metric([name, label], used / limit)
+        yield util
         draining = GaugeMetricFamily("gateway_draining", "1 while the gateway drains for shutdown.")
         draining.add_metric([], 1.0 if self.drain.draining else 0.0)
         yield draining
