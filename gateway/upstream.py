@@ -17,7 +17,8 @@ terminal error event); nothing is ever replayed.
 Back-pressure: each chunk is read from the provider only after the previous one was
 handed to the server, whose `send` waits while the client's socket is full; aiohttp then
 stops reading its socket, and the provider is paced by the slowest reader. Nothing here
-buffers more than one chunk.
+buffers more than one chunk. A client that reads nothing for a whole idle period is
+dropped as gone (499), without counting against the provider's health.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from affinity.types import AccountSpec
 from affinity.types import Limits as SpecLimits
 from gateway.config import PROVIDER_ENDPOINTS, AccountConfig, Timeouts
 from gateway.context import Endpoint, RequestContext
-from gateway.errors import UpstreamError, UpstreamStatus, UpstreamTimeout
+from gateway.errors import ClientGone, UpstreamError, UpstreamStatus, UpstreamTimeout
 from gateway.sse import SSEEvent, SSEParser
 
 log = logging.getLogger(__name__)
@@ -412,28 +413,37 @@ class UpstreamApp:
         holding = preamble  # None once the response has started
         parser = SSEParser()  # fed only while holding
         held: list[bytes] = []
-        if holding is None:
-            await send(start)
-            ctx.first_byte = time.perf_counter()
-        async with asyncio.timeout(timeout) as idle:
-            async for chunk in resp.content.iter_any():
-                if holding is not None:
-                    held.append(chunk)
-                    if all(map(holding, parser.feed(chunk))):
-                        idle.reschedule(loop.time() + timeout)
-                        continue
-                    # The first output: the response starts with it, preamble included.
-                    holding = None
-                    chunk = b"".join(held)
-                    held.clear()
+        sending = False
+        try:
+            async with asyncio.timeout(timeout) as idle:
+                if holding is None:
                     await send(start)
                     ctx.first_byte = time.perf_counter()
-                # The idle clock measures the provider, not a slow reader: a client that
-                # keeps us waiting in `send` is back-pressure, not a stalled stream.
-                idle.reschedule(None)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                idle.reschedule(loop.time() + timeout)
-        if holding is not None:  # the stream ended before any output
-            await send(start)
-            ctx.first_byte = time.perf_counter()
-        await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
+                async for chunk in resp.content.iter_any():
+                    if holding is not None:
+                        held.append(chunk)
+                        if all(map(holding, parser.feed(chunk))):
+                            idle.reschedule(loop.time() + timeout)
+                            continue
+                        # The first output: the response starts with it, preamble included.
+                        holding = None
+                        chunk = b"".join(held)
+                        held.clear()
+                        await send(start)
+                        ctx.first_byte = time.perf_counter()
+                    sending = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sending = False
+                    idle.reschedule(loop.time() + timeout)
+                if holding is not None:  # the stream ended before any output
+                    await send(start)
+                    ctx.first_byte = time.perf_counter()
+                sending = True
+                await send(
+                    {"type": "http.response.body", "body": b"".join(held), "more_body": False}
+                )
+        except TimeoutError:
+            if sending:
+                # Not the provider's fault: the client read nothing for a whole idle period.
+                raise ClientGone("the client stopped reading") from None
+            raise

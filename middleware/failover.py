@@ -1,6 +1,6 @@
 """Try the candidates in order until one answers. Reads ctx.candidates, ctx.choice,
-ctx.fingerprint, ctx.demand, ctx.started, ctx.response_started; writes ctx.account and
-ctx.attempts.
+ctx.fingerprint, ctx.demand, ctx.started, ctx.response_started, ctx.upstream_status;
+writes ctx.account and ctx.attempts.
 
 A retry happens only before the first response byte reached the client: connection
 errors, timeouts before the first byte, 429 and 5xx-class overload statuses, each time on
@@ -249,8 +249,8 @@ class FailoverMiddleware:
         try:
             await self.app(scope, receive, send)
             ok = True
-        except asyncio.CancelledError:
-            self._record(ctx, name, 0, "client_gone", t0)
+        except (asyncio.CancelledError, ClientGone):
+            self._record(ctx, name, ctx.upstream_status, "client_gone", t0)
             raise
         except UpstreamError as exc:
             status = exc.status if isinstance(exc, UpstreamStatus) else 0

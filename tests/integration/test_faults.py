@@ -559,51 +559,80 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
-async def test_a_reader_that_stops_back_pressures_the_provider(
-    loop_thread: LoopThread, new_gateway: StartGateway
-) -> None:
+@pytest.fixture
+def endless(loop_thread: LoopThread) -> Iterator[tuple[EndlessStream, str]]:
     provider = EndlessStream()
     server = AppServer(provider)
     loop_thread.run(server.start())
-    try:
-        gw = new_gateway(emulated_config(server.url, accounts=1))
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-        sock.connect(("127.0.0.1", gw.server.port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
-        payload = body("openai", "endless", stream=True)
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
-            + b"authorization: Bearer %s\r\ncontent-type: application/json\r\n" % gw.key.encode()
-            + b"content-length: %d\r\n\r\n" % len(payload)
-            + payload
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200")
-        await reader.readexactly(64 * 1024)  # the stream flows...
-        rss0 = rss_bytes()
-        # ...then the client stops reading. The provider must come to a stop too.
-        last, still = provider.sent, 0.0
-        give_up = time.monotonic() + 5
-        while still < 0.5:
-            assert time.monotonic() < give_up, "the provider never came to a stop"
-            await asyncio.sleep(0.1)
-            still = still + 0.1 if provider.sent == last else 0.0
-            last = provider.sent
-            assert provider.sent < 96 * 1024 * 1024, "the gateway reads ahead of its client"
-        stalled_at = provider.sent
-        await asyncio.sleep(1.0)
-        assert provider.sent - stalled_at < 256 * 1024
-        assert rss_bytes() - rss0 < 64 * 1024 * 1024
-        assert not provider.gone.is_set()
-        # Reading again resumes the flow; leaving closes the provider's stream.
-        await reader.readexactly(1024 * 1024)
-        await until(lambda: provider.sent > stalled_at)
-        writer.close()
-        await until(provider.gone.is_set)
-    finally:
-        loop_thread.run(server.stop())
+    yield provider, server.url
+    loop_thread.run(server.stop())
+
+
+async def open_stream(
+    gw: GatewayHandle,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A streaming request from a client with a small receive window, past the headers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.connect(("127.0.0.1", gw.server.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+    payload = body("openai", "endless", stream=True)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+        + b"authorization: Bearer %s\r\ncontent-type: application/json\r\n" % gw.key.encode()
+        + b"content-length: %d\r\n\r\n" % len(payload)
+        + payload
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+async def test_a_reader_that_stops_back_pressures_the_provider(
+    new_gateway: StartGateway, endless: tuple[EndlessStream, str]
+) -> None:
+    provider, url = endless
+    gw = new_gateway(emulated_config(url, accounts=1))
+    reader, writer = await open_stream(gw)
+    await reader.readexactly(64 * 1024)  # the stream flows...
+    rss0 = rss_bytes()
+    # ...then the client stops reading. The provider must come to a stop too.
+    last, still = provider.sent, 0.0
+    give_up = time.monotonic() + 5
+    while still < 0.5:
+        assert time.monotonic() < give_up, "the provider never came to a stop"
+        await asyncio.sleep(0.1)
+        still = still + 0.1 if provider.sent == last else 0.0
+        last = provider.sent
+        assert provider.sent < 96 * 1024 * 1024, "the gateway reads ahead of its client"
+    stalled_at = provider.sent
+    await asyncio.sleep(1.0)
+    assert provider.sent - stalled_at < 256 * 1024
+    assert rss_bytes() - rss0 < 64 * 1024 * 1024
+    assert not provider.gone.is_set()
+    # Reading again resumes the flow; leaving closes the provider's stream.
+    await reader.readexactly(1024 * 1024)
+    await until(lambda: provider.sent > stalled_at)
+    writer.close()
+    await until(provider.gone.is_set)
+    assert [outcome for _, outcome in attempts(gw)] == ["client_gone"]
+
+
+async def test_a_reader_stuck_for_an_idle_period_is_dropped_without_blaming_the_provider(
+    new_gateway: StartGateway, endless: tuple[EndlessStream, str]
+) -> None:
+    provider, url = endless
+    gw = new_gateway(emulated_config(url, accounts=1, server={"timeouts": {"idle": 0.5}}))
+    reader, writer = await open_stream(gw)
+    await reader.readexactly(64 * 1024)
+    took = await until(provider.gone.is_set, within=3.0)  # never reads again
+    assert took >= 0.5
+    assert [outcome for _, outcome in attempts(gw)] == ["client_gone"]
+    assert gw.app.health.state("openai-0") == "healthy"
+    assert gw.app.health.in_flight("openai-0") == 0
+    writer.close()
 
 
 # --- provider error bodies never reach the client as they are -------------------------------
