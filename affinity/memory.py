@@ -193,7 +193,7 @@ class MemoryState:
                             matched[account.name] = tokens
                 root_rate = self._rate(root, now) * 60.0 / self.window_seconds
                 shared = self._shared_index(fp, root_rate, now)
-        load = {account.name: self._load(account.name, now) for account in accounts}
+        load = self._loads(accounts, now)
         return Snapshot(
             matched=matched,
             load=load,
@@ -202,21 +202,30 @@ class MemoryState:
             window_seconds=self.window_seconds,
         )
 
-    def _load(self, name: str, now: float) -> AccountLoad:
-        window = self._windows.get(name)
-        requests, input_tokens, output_tokens = window.totals(now) if window else (0, 0, 0)
-        reading = self.headers.get(name, now)
-        if reading is None:
-            return AccountLoad(requests, input_tokens, output_tokens, self._in_flight.get(name, 0))
-        return AccountLoad(
-            requests,
-            input_tokens,
-            output_tokens,
-            self._in_flight.get(name, 0),
-            reading.remaining_requests,
-            reading.remaining_tokens,
-            reading.until - now,
-        )
+    def _loads(self, accounts: Sequence[AccountSpec], now: float) -> dict[str, AccountLoad]:
+        # One loop over locals: this runs for every account of the pool on every request.
+        windows = self._windows
+        in_flight = self._in_flight
+        headers = self.headers
+        loads = {}
+        for account in accounts:
+            name = account.name
+            window = windows.get(name)
+            if window is None:
+                load = AccountLoad(0, 0, 0, in_flight.get(name, 0))
+            else:
+                requests, input_tokens, output_tokens = window.totals(now)
+                load = AccountLoad(requests, input_tokens, output_tokens, in_flight.get(name, 0))
+            if headers:
+                reading = headers.get(name, now)
+                if reading is not None:
+                    load = load._replace(
+                        remaining_requests=reading.remaining_requests,
+                        remaining_tokens=reading.remaining_tokens,
+                        reset_in=reading.until - now,
+                    )
+            loads[name] = load
+        return loads
 
     def _window(self, name: str) -> SlidingWindow:
         window = self._windows.get(name)

@@ -101,7 +101,7 @@ class Selector:
     ) -> Choice:
         pool = list(accounts) if healthy is None else [a for a in accounts if healthy(a)]
         if mode == "off":
-            eligible = [a for a in pool if self.fits(a, demand, snap)]
+            eligible = self._eligible(pool, demand, snap)
             if not eligible:
                 return self._saturated(pool, demand, snap)
             return self._round_robin(eligible, snap)
@@ -113,7 +113,7 @@ class Selector:
         else:
             key = fp.root
         order = rank(key, pool)
-        eligible = [a for a in order if self.fits(a, demand, snap)]
+        eligible = self._eligible(order, demand, snap)
         if not eligible:
             return self._saturated(pool, demand, snap)
         matched = snap.matched
@@ -124,8 +124,9 @@ class Selector:
             return _choice(pick, eligible, reason, matched.get(pick.name, 0), key)
 
         best = eligible[0]
-        if matched:  # first of equals: HRW order
-            best = max(eligible, key=lambda a: matched.get(a.name, 0))
+        holders = [a for a in eligible if a.name in matched] if matched else None
+        if holders:  # first of equals: HRW order
+            best = max(holders, key=lambda a: matched[a.name])
         best_tokens = matched.get(best.name, 0)
 
         if mode == "prefix":
@@ -145,6 +146,24 @@ class Selector:
         return _choice(pick, eligible, reason, matched.get(pick.name, 0), key)
 
     # --- headroom -----------------------------------------------------------------------
+
+    def _eligible(
+        self, accounts: list[AccountSpec], demand: Demand, snap: Snapshot
+    ) -> list[AccountSpec]:
+        """fits() over a pool, in its order; unrolled, as it runs for every account."""
+        loads = snap.load
+        matched = snap.matched
+        need_in = demand.input_tokens
+        need_out = demand.output_tokens
+        alpha = self.alpha
+        eligible = []
+        for account in accounts:
+            need = need_in
+            if not account.itpm_counts_cached:
+                need = max(0, need_in - matched.get(account.name, 0))
+            if _fits(account.limits, loads.get(account.name, IDLE), need, need_out, alpha):
+                eligible.append(account)
+        return eligible
 
     def fits(
         self, account: AccountSpec, demand: Demand, snap: Snapshot, alpha: float | None = None

@@ -139,6 +139,9 @@ class HeaderBook:
         ttl = reset_seconds if reset_seconds is not None else HEADER_DEFAULT_TTL
         self._readings[account] = HeaderReading(remaining_requests, remaining_tokens, now + ttl)
 
+    def __bool__(self) -> bool:
+        return bool(self._readings)
+
     def get(self, account: str, now: float) -> HeaderReading | None:
         reading = self._readings.get(account)
         if reading is None:

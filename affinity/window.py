@@ -64,5 +64,6 @@ class SlidingWindow:
 
     def totals(self, now: float) -> tuple[int, int, int]:
         """(requests, input tokens, output tokens) in the window ending now."""
-        self._roll(now)
+        if int(now // self.width) != self._head:
+            self._roll(now)
         return self.requests, self.input, self.output
