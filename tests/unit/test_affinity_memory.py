@@ -202,6 +202,11 @@ async def test_router_brackets_requests_and_counts_decisions() -> None:
         8 * BLOCK,
     )
     assert router.decisions == {"rendezvous": 1, "longest_match": 1}
+    # the latest window reading per account, for utilisation gauges
+    assert router.loads[first.candidates[0].name].requests == 1
+    assert {name for name, load in router.loads.items() if load.requests == 0} == {
+        a.name for a in accounts if a is not first.candidates[0]
+    }
     await router.aclose()
 
 
