@@ -1,0 +1,168 @@
+"""End-to-end replay of the Mooncake conversation trace through the real gateway.
+
+    .venv/bin/python -m bench.replay [--trace PATH] [--accounts 8] [--time-scale 60]
+                                     [--limit N] [--policies round_robin,affinity,ideal]
+
+For each policy: a fresh provider emulator (cold caches; ``--accounts`` accounts with a
+5-minute cache TTL, a 60-second rate window, a 1,024-token minimum and 128-token
+blocks) and a fresh gateway in front of it, both on uvicorn in this process. The trace
+is sent over HTTP, open loop, time-compressed by ``--time-scale``; each 512-token block
+id becomes a deterministic 2,048-character text, so prompts share prefixes exactly as
+the trace says. Every account gets rpm and itpm limits under which the pool runs at
+``--load`` (70 %) of its capacity in the trace's busiest minute, on the emulator (which
+answers 429 past them) and in the gateway (whose admission respects them).
+
+Policies: ``round_robin`` (the gateway's affinity mode "off"), ``random`` (its "fixed"
+mode with a random client key per request: the gateway has no random mode),
+``affinity`` (mode "prefix") and ``ideal`` (one account holding the whole pool's limits,
+so one cache sees every request: the bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import (
+    CACHE_TTL_SECONDS,
+    DEFAULT_POLICIES,
+    MAX_OUTPUT_TOKENS,
+    MIN_CACHE_TOKENS,
+    MOONCAKE_TRACE,
+    POLICIES,
+    WINDOW_SECONDS,
+    Row,
+    Setup,
+    decisions,
+    lateness_warning,
+    limits_for,
+    load_trace,
+    peak_minute,
+    run_policies,
+    table,
+)
+
+DEFAULT_TIME_SCALE = 60.0
+DEFAULT_CONCURRENCY = 64
+
+# What the issue asks of the gateway on this trace.
+TARGET_HIT_RATE = 0.25
+TARGET_PEAK_RATIO = 1.25
+
+
+def targets(rows: Sequence[Row]) -> list[str]:
+    """The issue's targets, checked against the affinity row."""
+    row = next((r for r in rows if r.policy == "affinity"), None)
+    if row is None:
+        return []
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    return [
+        f"affinity hit rate >= {TARGET_HIT_RATE:.0%}: {row.hit_rate:.1%}, "
+        f"{mark(row.hit_rate >= TARGET_HIT_RATE)}",
+        f"no request over an account's limit: {row.upstream_429} 429s from the provider, "
+        f"{row.over_limit} over a limit in the client's count, "
+        f"{mark(row.upstream_429 == 0 and row.over_limit == 0)}",
+        f"peak-minute load <= {TARGET_PEAK_RATIO} x mean: {row.peak_ratio:.2f}, "
+        f"{mark(row.peak_ratio <= TARGET_PEAK_RATIO)}",
+    ]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.replay",
+        description="Replay the Mooncake trace over HTTP through the gateway, per policy.",
+    )
+    p.add_argument("--trace", type=Path, default=MOONCAKE_TRACE, help="Mooncake-format JSONL")
+    p.add_argument("--accounts", type=int, default=8, help="accounts in the pool (default 8)")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=DEFAULT_TIME_SCALE,
+        help=f"emulated seconds per real second (default {DEFAULT_TIME_SCALE:g})",
+    )
+    p.add_argument("--limit", type=int, help="replay only the first N requests")
+    p.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"comma-separated, from {','.join(POLICIES)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--load",
+        type=float,
+        default=0.7,
+        help="pool load in the busiest minute that sets the limits (default 0.7)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"requests in flight at most (default {DEFAULT_CONCURRENCY})",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        parser().error(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    if args.accounts < 1 or args.time_scale <= 0 or not 0 < args.load <= 1:
+        parser().error("--accounts must be >= 1, --time-scale > 0 and --load in (0, 1]")
+    for name in ("uvicorn", "gateway"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    t0 = time.monotonic()
+    requests = load_trace(args.trace, limit=args.limit)
+    if not requests:
+        parser().error(f"{args.trace}: no requests")
+    peak = peak_minute(requests)
+    limits = limits_for(peak, args.accounts, args.load)
+    setup = Setup(
+        accounts=args.accounts,
+        limits=limits,
+        time_scale=args.time_scale,
+        concurrency=args.concurrency,
+    )
+    span = requests[-1].at - requests[0].at
+    tokens = sum(r.input_tokens for r in requests)
+    print(
+        f"trace {args.trace.name}: {len(requests):,} requests, {tokens / 1e6:.1f} M input tokens "
+        f"over {span:,.0f} s; busiest minute {peak.requests} requests, "
+        f"{peak.input_tokens / 1e6:.2f} M input tokens\n"
+        f"{args.accounts} accounts, each rpm {limits.rpm}, itpm {limits.itpm:,} "
+        f"(pool at {args.load:.0%} in the busiest minute); cache TTL {CACHE_TTL_SECONDS:g} s, "
+        f"window {WINDOW_SECONDS:g} s, minimum {MIN_CACHE_TOKENS} tokens; output capped at "
+        f"{MAX_OUTPUT_TOKENS} tokens; time scale {args.time_scale:g} "
+        f"(~{span / args.time_scale:.0f} s a policy)\n",
+        flush=True,
+    )
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    rows = asyncio.run(run_policies(policies, requests, setup, log=log))
+    print(table(rows))
+    print()
+    print(decisions(rows))
+    warning = lateness_warning(rows, args.time_scale)
+    if warning:
+        print(warning)
+    for line in targets(rows):
+        print(line)
+    print(f"\ndone in {time.monotonic() - t0:.0f} s")
+    return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
