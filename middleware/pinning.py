@@ -89,7 +89,9 @@ class PinningMiddleware:
                 and all(a.provider == "openai" for a in ctx.candidates)
             ):
                 # OpenAI routes its own cache by this key: give one conversation family one key.
-                ctx.body_patch["prompt_cache_key"] = f"ag-{ctx.fingerprint.root:016x}"
+                # A hot root's conversations get keys of their own (choice.cache_key).
+                key = ctx.fingerprint.root if choice.cache_key is None else choice.cache_key
+                ctx.body_patch["prompt_cache_key"] = f"ag-{key:016x}"
             try:
                 await self.app(scope, receive, send)
                 return
