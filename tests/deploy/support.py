@@ -56,7 +56,7 @@ def kustomize_command() -> list[str]:
     kubectl = find_executable("kubectl")
     if kubectl:
         return [kubectl, "kustomize"]
-    tool_missing("neither kustomize nor kubectl (for `kubectl kustomize`)")
+    tool_missing("kustomize (or kubectl, for `kubectl kustomize`)")
 
 
 Manifest = dict[str, Any]
