@@ -62,7 +62,7 @@ EMULATOR = {
     "default_output_tokens": 32,
 }
 OUTPUT_TOKENS = 32
-SYSTEM_WORDS = (2200, 8600)  # with the history: prompts of 20-80 KB
+SYSTEM_WORDS = (2800, 11400)  # with the history: prompts of 20-80 KB
 ANTHROPIC_SHARE = 0.25
 SESSIONS_PER_APP = 3
 TURNS = 4
@@ -853,6 +853,140 @@ def notes(summaries: Sequence[Summary]) -> list[str]:
     return redis + emulator
 
 
+# --- pin-index footprint ----------------------------------------------------------------
+
+FOOTPRINT_PROMPT_BYTES = 8 * 1024  # 2k tokens: pins the blocks from 4 KB (1,024 tokens) on
+
+
+def _pin_fingerprints(count: int) -> list[Any]:
+    """``count`` prompts that share no prefix (a unique head), each ~8 KB."""
+    from affinity.fingerprint import fingerprint
+
+    filler = " ".join(f"w{i % 97}" for i in range(FOOTPRINT_PROMPT_BYTES // 4))
+    filler = filler[:FOOTPRINT_PROMPT_BYTES]
+    return [
+        fingerprint(
+            {
+                "model": "gpt-4o-mini",
+                "messages": [
+                    {"role": "system", "content": f"prompt {i}: {filler}"},
+                    {"role": "user", "content": "hello"},
+                ],
+            },
+            kind="chat",
+        )
+        for i in range(count)
+    ]
+
+
+def _bench_accounts() -> list[Any]:
+    from affinity.types import AccountSpec
+
+    return [AccountSpec(f"acct-{i}") for i in range(4)]
+
+
+def memory_footprint(count: int) -> dict[str, float]:
+    """Bytes the embedded MemoryState holds for ``count`` pinned prompts (tracemalloc)."""
+    import gc
+    import tracemalloc
+
+    from affinity.memory import MemoryState
+    from affinity.types import Demand, Outcome
+
+    tracemalloc.start()
+    fps = _pin_fingerprints(count)
+    accounts = _bench_accounts()
+    state = MemoryState(max_pins=10 * count)
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    done = Outcome(True, 2048, 1024, 0, 32, 0)
+    for i, fp in enumerate(fps):
+        account = accounts[i % len(accounts)]
+        now = state.now()
+        state.begin_now(account, fp, Demand(fp.total_tokens, 32), now)
+        state.end_now(account, fp, done, now)
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    pins = state.pin_count()
+    return {"prompts": count, "pins": pins, "bytes": grown, "bytes_per_pin": grown / pins}
+
+
+async def redis_footprint(count: int, workdir: Path) -> dict[str, float] | str:
+    """Redis ``used_memory`` growth for ``count`` pinned prompts, or why it cannot run."""
+    reason = redis_state_available()
+    if reason is not None:
+        return reason
+    from redis.asyncio import Redis
+
+    from affinity.redis_state import RedisState
+    from affinity.types import Demand, Outcome
+
+    port = free_port()
+    server = Service(
+        "redis-footprint",
+        ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"],
+        workdir=workdir,
+        ready=lambda: _tcp_open(port),
+    )
+    server.start()
+    url = f"redis://{HOST}:{port}/0"
+    client = Redis.from_url(url)
+    state = RedisState(url, socket_timeout=5.0, max_pins=10 * count)
+    try:
+        fps = _pin_fingerprints(count)
+        accounts = _bench_accounts()
+        before = int((await client.info("memory"))["used_memory"])
+        done = Outcome(True, 2048, 1024, 0, 32, 0)
+
+        async def pin(i: int) -> None:
+            account, fp = accounts[i % len(accounts)], fps[i]
+            now = state.now()
+            await state.begin(account, fp, Demand(fp.total_tokens, 32), now)
+            await state.end(account, fp, done, now)
+
+        batch = 64
+        for start in range(0, count, batch):
+            await asyncio.gather(*(pin(i) for i in range(start, min(start + batch, count))))
+        after = int((await client.info("memory"))["used_memory"])
+        keys = int(await client.dbsize())
+        if state.errors_total:
+            return f"{state.errors_total} Redis calls failed during the fill"
+        pins = sum(len(fp.hashes) - fp.pin_from for fp in fps)
+        return {
+            "prompts": count,
+            "pins": pins,
+            "keys": keys,
+            "bytes": after - before,
+            "bytes_per_pin": (after - before) / pins,
+        }
+    finally:
+        await state.aclose()
+        await client.aclose()
+        server.stop()
+
+
+def footprint(count: int) -> str:
+    """The pin index's memory for ``count`` prompts, embedded and in Redis, as text."""
+    lines = [f"pin index footprint: {count:,} prompts of {FOOTPRINT_PROMPT_BYTES // 1024} KB"]
+    mem = memory_footprint(count)
+    lines.append(
+        f"  embedded MemoryState: {mem['bytes'] / 2**20:.1f} MiB for {mem['pins']:,.0f} pins "
+        f"({mem['bytes_per_pin']:.0f} B/pin, {mem['bytes'] / count:.0f} B/prompt)"
+    )
+    with tempfile.TemporaryDirectory(prefix="ag-footprint-") as tmp:
+        red = asyncio.run(redis_footprint(count, Path(tmp)))
+    if isinstance(red, str):
+        lines.append(f"  Redis: not available: {red}")
+    else:
+        lines.append(
+            f"  Redis used_memory: {red['bytes'] / 2**20:.1f} MiB for {red['pins']:,.0f} pins in "
+            f"{red['keys']:,.0f} keys ({red['bytes_per_pin']:.0f} B/pin, "
+            f"{red['bytes'] / count:.0f} B/prompt)"
+        )
+    return "\n".join(lines)
+
+
 # --- the command ----------------------------------------------------------------------
 
 
@@ -868,7 +1002,7 @@ def _rows(text: str) -> tuple[str, ...]:
     return rows
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None, int]:
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=400, help="requests per measurement")
     p.add_argument("--concurrency", type=_intlist, default=(4, 32), help="e.g. 4,32")
@@ -879,6 +1013,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None]
     p.add_argument("--litellm-venv", type=Path, default=default_litellm_venv())
     p.add_argument("--no-install", action="store_true", help="never pip-install LiteLLM")
     p.add_argument("--json", type=Path, default=None, help="write every figure here too")
+    p.add_argument(
+        "--footprint",
+        type=int,
+        default=0,
+        metavar="PROMPTS",
+        help="instead: the pin index's memory for this many prompts (embedded and Redis)",
+    )
     a = p.parse_args(argv)
     if "direct" not in a.rows:
         a.rows = ("direct", *a.rows)  # every figure is relative to it
@@ -892,7 +1033,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None]
         litellm_venv=a.litellm_venv,
         install=not a.no_install,
     )
-    return opts, a.json
+    return opts, a.json, a.footprint
 
 
 async def run(opts: Options, progress: TextIO = sys.stderr) -> list[Measurement]:
@@ -967,8 +1108,16 @@ def to_json(opts: Options, measurements: Sequence[Measurement]) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through every Service.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    opts, json_path = parse_args(argv)
+    opts, json_path, footprint_prompts = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if footprint_prompts:
+        print(footprint(footprint_prompts))
+        return 0
     print(f"bench.overhead: {describe(workload(opts.requests))}", file=sys.stderr)
     try:
         import uvloop
