@@ -30,6 +30,7 @@ from gateway.drain import Drain
 from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 from gateway.health import Health
 from gateway.metrics import Metrics
+from gateway.owners import MemoryOwners, RedisOwners, ResponseOwners
 from gateway.pricing import Price
 from gateway.ratelimit import TokenLimiter
 from gateway.stats import cache_stats
@@ -81,6 +82,7 @@ class Gateway:
         self.drain = Drain()
         self.usage_log = self._usage_log(config)
         self.limiter = TokenLimiter()
+        self.owners = self._owners(config)
         principals = {
             t.key_hash: Principal(
                 token=t.name,
@@ -108,6 +110,7 @@ class Gateway:
                 prices=prices,
                 usage_log=self.usage_log,
                 limiter=self.limiter,
+                owners=self.owners,
             ),
             lambda app: AuthMiddleware(
                 app, secret=config.server.secret, principals=principals, limiter=self.limiter
@@ -123,7 +126,12 @@ class Gateway:
                 app, min_tokens=config.min_tokens, max_messages=config.server.max_messages
             ),
             lambda app: PinningMiddleware(
-                app, router=self.router, pools=pools, health=self.health, metrics=self.metrics
+                app,
+                router=self.router,
+                pools=pools,
+                health=self.health,
+                metrics=self.metrics,
+                owners=self.owners,
             ),
             lambda app: FailoverMiddleware(
                 app, router=self.router, health=self.health, metrics=self.metrics
@@ -155,6 +163,15 @@ class Gateway:
                 window_seconds=aff.window_seconds,
             )
         return MemoryState(ttl_seconds=aff.ttl_seconds, window_seconds=aff.window_seconds)
+
+    @staticmethod
+    def _owners(config: Config) -> ResponseOwners:
+        st = config.state
+        if st.redis_url:
+            return RedisOwners(
+                st.redis_url, prefix=st.key_prefix, socket_timeout=st.redis_socket_timeout
+            )
+        return MemoryOwners()
 
     @staticmethod
     def _usage_log(config: Config) -> UsageLog:
@@ -363,6 +380,7 @@ class Gateway:
         self.ready = False
         await self.upstream.aclose()
         await self.usage_log.aclose()  # flushes what is buffered
+        await self.owners.aclose()
         await self.state.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

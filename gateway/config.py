@@ -21,7 +21,7 @@ AffinityMode = Literal["prefix", "session", "fixed", "off"]
 
 # Which proxied endpoints each provider speaks (paths below its /v1 root).
 PROVIDER_ENDPOINTS: Mapping[str, frozenset[str]] = {
-    "openai": frozenset({"chat/completions", "embeddings"}),
+    "openai": frozenset({"chat/completions", "embeddings", "responses"}),
     "anthropic": frozenset({"messages", "messages/count_tokens"}),
     "deepseek": frozenset({"chat/completions"}),
     "gemini-openai": frozenset({"chat/completions", "embeddings"}),

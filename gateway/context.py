@@ -38,6 +38,7 @@ class Endpoint(enum.StrEnum):
     MESSAGES = "messages"
     COUNT_TOKENS = "messages/count_tokens"
     EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
 
     @property
     def family(self) -> Family:

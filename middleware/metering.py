@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import RouteExhausted
 from gateway.metrics import Metrics
+from gateway.owners import ResponseOwners
 from gateway.pricing import Price, cost
 from gateway.ratelimit import TokenLimiter
 from gateway.sse import SSEParser
@@ -37,8 +38,22 @@ from gateway.usagelog import UsageLog, UsageRecord
 
 log = logging.getLogger(__name__)
 
-_USAGE_KIND = {Endpoint.CHAT: "chat", Endpoint.MESSAGES: "messages"}
+_USAGE_KIND = {
+    Endpoint.CHAT: "chat",
+    Endpoint.MESSAGES: "messages",
+    Endpoint.RESPONSES: "responses",
+}
 _FREE = Price()
+
+
+def _created_id(data: bytes) -> str | None:
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    response = doc.get("response") if isinstance(doc, dict) else None
+    rid = response.get("id") if isinstance(response, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 def _status_class(status: int) -> str:
@@ -54,9 +69,11 @@ class MeteringMiddleware:
         prices: Mapping[str, Price],
         usage_log: UsageLog,
         limiter: TokenLimiter | None = None,
+        owners: ResponseOwners | None = None,
     ) -> None:
         self.app = app
         self.limiter = limiter
+        self.owners = owners
         self.metrics = metrics
         self.prices = dict(prices)
         self.usage_log = usage_log
@@ -74,6 +91,12 @@ class MeteringMiddleware:
         parser: SSEParser | None = None
         drop_usage_chunk = False
         streamed = 0
+        # A stored Responses-API answer: remember which account holds it.
+        remember = (
+            self.owners is not None
+            and ctx.endpoint is Endpoint.RESPONSES
+            and ctx.body.get("store") is not False
+        )
 
         def price(usage: Usage) -> dict[str, Any]:
             route = ctx.route
@@ -104,7 +127,9 @@ class MeteringMiddleware:
                 body_parts.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                start, body = self._priced_json(ctx, held, b"".join(body_parts), price)
+                start, body, response_id = self._priced_json(ctx, held, b"".join(body_parts), price)
+                if remember and response_id:
+                    await self._remember(response_id, ctx)
                 held = None
                 await send(start)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -114,6 +139,10 @@ class MeteringMiddleware:
                 return
             out: list[bytes] = []
             for event in parser.feed(message.get("body", b"")):
+                if remember and event.event == "response.created":
+                    response_id = _created_id(event.data)
+                    if response_id is not None:
+                        await self._remember(response_id, ctx)
                 stream.feed(event)
                 if event.data:
                     # Providers send about one token per content event; the JSON around
@@ -160,19 +189,21 @@ class MeteringMiddleware:
     @staticmethod
     def _priced_json(
         ctx: RequestContext, start: Message, body: bytes, price: Callable[[Usage], dict[str, Any]]
-    ) -> tuple[Message, bytes]:
-        """The start and body of a JSON answer with its usage priced (one parse, one dump)."""
+    ) -> tuple[Message, bytes, str | None]:
+        """The start and body of a JSON answer with its usage priced (one parse, one dump),
+        and the answer's id."""
         assert ctx.account is not None and ctx.endpoint is not None
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return start, body
+            return start, body, None
         if not isinstance(doc, dict):
-            return start, body
+            return start, body, None
+        answer_id = doc.get("id") if isinstance(doc.get("id"), str) else None
         kind = _USAGE_KIND[ctx.endpoint]
         usage = usage_from_body(ctx.account.provider, kind, doc)  # type: ignore[arg-type]
         if usage is None:
-            return start, body
+            return start, body, answer_id
         ctx.usage = usage
         body = add_usage_fields(doc, price(usage))
         headers = [(k, v) for k, v in start.get("headers", ()) if k != b"content-length"]
@@ -181,7 +212,11 @@ class MeteringMiddleware:
             (b"x-upstream-cache-read", str(usage.cached_tokens).encode()),
             (b"x-upstream-cache-write", str(usage.cache_write_tokens).encode()),
         ]
-        return {**start, "headers": headers}, body
+        return {**start, "headers": headers}, body, answer_id
+
+    async def _remember(self, response_id: str, ctx: RequestContext) -> None:
+        assert self.owners is not None and ctx.account is not None
+        await self.owners.put(response_id, ctx.account.name)
 
     @staticmethod
     def _record(ctx: RequestContext, status: int) -> UsageRecord:

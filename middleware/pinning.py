@@ -16,9 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from affinity.router import AffinityRouter
 from gateway.context import Endpoint, RequestContext
-from gateway.errors import GatewayError, RateLimited, RouteExhausted
+from gateway.errors import BadRequest, GatewayError, RateLimited, RouteExhausted
 from gateway.health import Health
 from gateway.metrics import Metrics
+from gateway.owners import ResponseOwners
 from gateway.upstream import Account
 
 # Endpoints where OpenAI takes a cache-routing hint; sent only when the caller did not.
@@ -34,9 +35,11 @@ class PinningMiddleware:
         pools: Mapping[str, Sequence[Account]],
         health: Health,
         metrics: Metrics,
+        owners: ResponseOwners,
     ) -> None:
         self.app = app
         self.router = router
+        self.owners = owners
         self.health = health
         self.metrics = metrics
         # (pool, endpoint) -> the accounts that speak it, and their affinity specs.
@@ -56,6 +59,11 @@ class PinningMiddleware:
         ctx = RequestContext.of(scope)
         assert ctx.endpoint is not None and ctx.fingerprint is not None and ctx.demand is not None
         assert ctx.principal is not None
+        if ctx.endpoint is Endpoint.RESPONSES:
+            previous = ctx.body.get("previous_response_id")
+            if isinstance(previous, str) and previous:
+                await self._to_owner(scope, receive, send, ctx, previous)
+                return
         last: GatewayError | None = None
         retry_after: float | None = None
         saturated: str | None = None
@@ -106,3 +114,51 @@ class PinningMiddleware:
             retry_after=retry_after if retry_after is not None else 1.0,
             code="upstream_saturated",
         )
+
+    async def _to_owner(
+        self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext, previous: str
+    ) -> None:
+        """A follow-up to a stored response goes to the account that holds it, or fails
+        clearly: any other account would answer that the response does not exist."""
+        assert ctx.fingerprint is not None and ctx.demand is not None
+        owner = await self.owners.get(previous)
+        if owner is None:
+            raise BadRequest(
+                f"previous response {previous!r} is not known to this gateway (expired, or"
+                " created elsewhere); send the conversation itself instead",
+                code="previous_response_not_found",
+                param="previous_response_id",
+            )
+        for route in ctx.plan:
+            account = self._members[route.pool, Endpoint.RESPONSES.value][1].get(owner)
+            if account is not None:
+                break
+        else:
+            raise BadRequest(
+                f"the account holding previous response {previous!r} is not available to this"
+                " key any more; send the conversation itself instead",
+                code="previous_response_unavailable",
+                param="previous_response_id",
+            )
+        choice = await self.router.choose(
+            [account.spec],
+            ctx.fingerprint,
+            ctx.demand,
+            mode="prefix",
+            token=ctx.principal.token if ctx.principal else None,
+            healthy=lambda spec: self._healthy(spec.name),
+        )
+        if not choice.candidates:
+            self.metrics.decisions.labels(route.group, "saturated").inc()
+            raise RateLimited(
+                f"the account holding previous response {previous!r} is busy; retry later",
+                retry_after=choice.retry_after or 1.0,
+                code="previous_response_owner_busy",
+            )
+        self.metrics.decisions.labels(route.group, "session").inc()
+        ctx.decision = "session"
+        ctx.route, ctx.choice, ctx.candidates = route, choice, (account,)
+        try:
+            await self.app(scope, receive, send)
+        except RouteExhausted as exc:
+            raise exc.last from None

@@ -22,6 +22,7 @@ from gateway.errors import BadRequest
 _KIND: dict[Endpoint, Literal["chat", "messages", "responses"]] = {
     Endpoint.CHAT: "chat",
     Endpoint.MESSAGES: "messages",
+    Endpoint.RESPONSES: "responses",
 }
 # Explicit conversation ids sent by clients and coding agents, first match wins.
 SESSION_HEADERS = (b"x-session-id", b"x-claude-code-session-id", b"session_id", b"conversation_id")
@@ -64,12 +65,15 @@ class PrefixMiddleware:
                 hashes=(), tokens=(), root=0, total_tokens=ctx.tokens_estimate, session=None, full=0
             )
         else:
-            messages = ctx.body.get("messages")
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise BadRequest("'messages' must be a list of message objects", param="messages")
-            if len(messages) > self.max_messages:
+            field = "input" if kind == "responses" else "messages"
+            items = ctx.body.get(field)
+            if kind == "responses" and isinstance(items, str):
+                items = [items]  # the Responses API takes a bare string as one user turn
+            elif not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
+                raise BadRequest(f"'{field}' must be a list of message objects", param=field)
+            if len(items) > self.max_messages:
                 raise BadRequest(
-                    f"too many messages: {len(messages)} > {self.max_messages}", param="messages"
+                    f"too many messages: {len(items)} > {self.max_messages}", param=field
                 )
             try:
                 fp = fingerprint(
