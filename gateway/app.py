@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from urllib.parse import parse_qs
 
@@ -24,7 +26,7 @@ from affinity.memory import MemoryState
 from affinity.router import AffinityRouter
 from affinity.select import Selector
 from affinity.state import AffinityState
-from gateway.config import PROVIDER_ENDPOINTS, Config
+from gateway.config import PROVIDER_ENDPOINTS, Config, ConfigError, load_config
 from gateway.context import Endpoint, Principal, RequestContext
 from gateway.drain import Drain
 from gateway.errors import BadRequest, MethodNotAllowed, NotFound
@@ -34,11 +36,12 @@ from gateway.owners import MemoryOwners, RedisOwners, ResponseOwners
 from gateway.pricing import Price
 from gateway.ratelimit import TokenLimiter
 from gateway.stats import cache_stats
+from gateway.tokens import MemoryTokenStore, RedisTokenStore, Tokens, TokenStore
 from gateway.upstream import Account, UpstreamApp, UpstreamClient
 from gateway.usagelog import MemoryUsageLog, Query, RedisUsageLog, UsageLog
 from middleware.auth import AuthMiddleware
 from middleware.errors import ErrorsMiddleware
-from middleware.failover import FailoverMiddleware
+from middleware.failover import FailoverMiddleware, RetryBudget
 from middleware.groups import GroupsMiddleware
 from middleware.metering import MeteringMiddleware
 from middleware.pinning import PinningMiddleware
@@ -63,15 +66,39 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _principals(config: Config) -> dict[str, Principal]:
+    """Configured tokens by key hash."""
+    return {
+        t.key_hash: Principal(
+            token=t.name,
+            user=t.user or t.name,
+            user_group=t.user_group,
+            group=t.group,
+            fallback_groups=t.fallback_groups,
+            rpm=t.rpm,
+            tpm=t.tpm,
+            budget_usd_day=t.budget_usd_day,
+            budget_usd_month=t.budget_usd_month,
+            admin=t.admin,
+        )
+        for t in config.tokens
+    }
+
+
 class Gateway:
     """The ASGI application. Everything per-request lives in the chain's context."""
 
-    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        config_path: str | None = None,
+    ) -> None:
+        # Process-lifetime resources: a reload keeps them (and the pins in the state).
         self.config = config
+        self.config_path = config_path
         self.metrics = metrics or Metrics()
-        self.accounts = {a.name: Account.from_config(a) for a in config.accounts}
-        pools = {p: tuple(self.accounts[n] for n in members) for p, members in config.pools.items()}
-        self.health = Health(config.pools)
         self.upstream = UpstreamClient(config.server.timeouts)
         self.state = self._state(config)
         self.router = AffinityRouter(
@@ -83,24 +110,34 @@ class Gateway:
         self.usage_log = self._usage_log(config)
         self.limiter = TokenLimiter()
         self.owners = self._owners(config)
-        principals = {
-            t.key_hash: Principal(
-                token=t.name,
-                user=t.user or t.name,
-                user_group=t.user_group,
-                group=t.group,
-                fallback_groups=t.fallback_groups,
-                rpm=t.rpm,
-                tpm=t.tpm,
-                admin=t.admin,
-            )
-            for t in config.tokens
-        }
+        self.tokens = Tokens(config.server.secret, _principals(config), self._token_store(config))
+        self.health = Health(config.pools)  # replaced by _apply; keeps states across reloads
+        self._apply(config)
+        self.metrics.add_collector(self._collect)
+
+    def _apply(self, config: Config) -> None:
+        """Build everything that follows from the configuration, then switch to it in one
+        step: requests in flight keep the chain they started with."""
+        accounts = {a.name: Account.from_config(a) for a in config.accounts}
+        pools = {p: tuple(accounts[n] for n in members) for p, members in config.pools.items()}
+        fo = config.failover
+        health = Health(
+            config.pools,
+            eject_after=fo.eject_after,
+            base_ejection=fo.base_ejection,
+            max_ejection=fo.max_ejection,
+            max_ejected_share=fo.max_ejected_share,
+        )
+        health.adopt(self.health)
         pool_endpoints = {
-            p: frozenset().union(*(PROVIDER_ENDPOINTS[a.provider] for a in accounts))
-            for p, accounts in pools.items()
+            p: frozenset().union(*(PROVIDER_ENDPOINTS[a.provider] for a in members))
+            for p, members in pools.items()
         }
         prices = {model: Price(**p.model_dump()) for model, p in config.pricing.items()}
+        self.tokens.reconfigure(config.server.secret, _principals(config))
+        self.router.selector = Selector(
+            alpha=config.affinity.alpha, min_tokens=config.affinity.min_tokens
+        )
 
         chain: list[Callable[[ASGIApp], ASGIApp]] = [
             lambda app: ErrorsMiddleware(app, drain=self.drain),
@@ -111,10 +148,9 @@ class Gateway:
                 usage_log=self.usage_log,
                 limiter=self.limiter,
                 owners=self.owners,
+                tokens=self.tokens,
             ),
-            lambda app: AuthMiddleware(
-                app, secret=config.server.secret, principals=principals, limiter=self.limiter
-            ),
+            lambda app: AuthMiddleware(app, tokens=self.tokens, limiter=self.limiter),
             lambda app: GroupsMiddleware(
                 app,
                 groups=config.groups,
@@ -129,25 +165,62 @@ class Gateway:
                 app,
                 router=self.router,
                 pools=pools,
-                health=self.health,
+                health=health,
                 metrics=self.metrics,
                 owners=self.owners,
             ),
             lambda app: FailoverMiddleware(
-                app, router=self.router, health=self.health, metrics=self.metrics
+                app,
+                router=self.router,
+                health=health,
+                metrics=self.metrics,
+                deadline=fo.deadline,
+                backoff_base=fo.backoff_base,
+                backoff_max=fo.backoff_max,
+                budget=RetryBudget(ratio=fo.retry_ratio, min_in_flight=fo.min_retries_in_flight),
             ),
         ]
         app: ASGIApp = UpstreamApp(self.upstream)
         for layer in reversed(chain):
             app = layer(app)
-        self.proxy = app
         # Non-proxied API routes share the outer layers: the errors format and auth.
-        self.api = ErrorsMiddleware(
-            AuthMiddleware(self._api_routes, secret=config.server.secret, principals=principals),
-            drain=self.drain,
+        api = ErrorsMiddleware(
+            AuthMiddleware(self._api_routes, tokens=self.tokens), drain=self.drain
         )
-        self.metrics.add_collector(self._collect)
-        self._allowed_models = self._models_by_principal(config)
+        allowed_models = self._models_by_principal(config, accounts)
+        # The switch: plain attribute stores, no await in between.
+        self.config, self.accounts, self.health = config, accounts, health
+        self.proxy, self.api, self._allowed_models = app, api, allowed_models
+
+    def reload(self, config: Config) -> None:
+        """Switch to a new configuration; raises ConfigError (and keeps the old one) when
+        it changes what only a restart can change."""
+        for what, old, new in (
+            ("state", self.config.state, config.state),
+            ("server.host", self.config.server.host, config.server.host),
+            ("server.port", self.config.server.port, config.server.port),
+            ("server.timeouts", self.config.server.timeouts, config.server.timeouts),
+        ):
+            if old != new:
+                raise ConfigError(f"{what}: changing it needs a restart")
+        self._apply(config)
+        log.info(
+            "configuration reloaded: %d accounts in %d pools, %d tokens",
+            len(config.accounts),
+            len(config.pools),
+            len(config.tokens),
+        )
+
+    def reload_from_file(self) -> str | None:
+        """SIGHUP and POST /admin/reload: the error, or None when the new config is live."""
+        if self.config_path is None:
+            return "the gateway was not started from a configuration file"
+        try:
+            self.reload(load_config(self.config_path))
+        except ConfigError as exc:
+            log.error("configuration not reloaded, keeping the old one:\n%s", exc)
+            return str(exc)
+        return None
 
     @staticmethod
     def _state(config: Config) -> AffinityState:
@@ -172,6 +245,13 @@ class Gateway:
                 st.redis_url, prefix=st.key_prefix, socket_timeout=st.redis_socket_timeout
             )
         return MemoryOwners()
+
+    @staticmethod
+    def _token_store(config: Config) -> TokenStore:
+        st = config.state
+        if st.redis_url:
+            return RedisTokenStore(st.redis_url, prefix=st.key_prefix)
+        return MemoryTokenStore()
 
     @staticmethod
     def _usage_log(config: Config) -> UsageLog:
@@ -199,6 +279,15 @@ class Gateway:
             for st in ("healthy", "cooldown", "ejected", "quarantined"):
                 state.add_metric([name, st], 1.0 if current == st else 0.0)
         yield state
+        alerts = CounterMetricFamily(
+            "gateway_account_alerts",
+            "Alerts per account: the provider rejected its credentials (401/403) and the"
+            " account was quarantined.",
+            labels=["account"],
+        )
+        for name in self.accounts:
+            alerts.add_metric([name], float(self.health.alerts(name)))
+        yield alerts
         fallbacks = getattr(self.state, "fallbacks_total", None)
         if fallbacks is not None:
             c = CounterMetricFamily(
@@ -236,8 +325,9 @@ class Gateway:
         draining.add_metric([], 1.0 if self.drain.draining else 0.0)
         yield draining
 
+    @staticmethod
     def _models_by_principal(
-        self, config: Config
+        config: Config, accounts: Mapping[str, Account]
     ) -> Callable[[Principal], list[dict[str, object]]]:
         def models(principal: Principal) -> list[dict[str, object]]:
             names = (
@@ -252,7 +342,7 @@ class Gateway:
                 for model, pool in config.groups[name].models.items():
                     if model in out:
                         continue
-                    providers = {self.accounts[a].provider for a in config.pools[pool]}
+                    providers = {accounts[a].provider for a in config.pools[pool]}
                     caching = any(
                         ep in ("chat/completions", "messages")
                         for p in providers
@@ -368,6 +458,10 @@ class Gateway:
     async def start(self) -> None:
         await self.upstream.start()
         await self.usage_log.start()
+        await self.tokens.start()
+        if self.config_path is not None and threading.current_thread() is threading.main_thread():
+            # SIGHUP re-reads the configuration; a bad one is logged and ignored.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_from_file)
         self.ready = True
         log.info(
             "gateway ready: %d accounts in %d pools, state %s",
@@ -381,6 +475,7 @@ class Gateway:
         await self.upstream.aclose()
         await self.usage_log.aclose()  # flushes what is buffered
         await self.owners.aclose()
+        await self.tokens.aclose()
         await self.state.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -400,5 +495,7 @@ class Gateway:
                 return
 
 
-def create_app(config: Config, *, metrics: Metrics | None = None) -> Gateway:
-    return Gateway(config, metrics=metrics)
+def create_app(
+    config: Config, *, metrics: Metrics | None = None, config_path: str | None = None
+) -> Gateway:
+    return Gateway(config, metrics=metrics, config_path=config_path)

@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    app = create_app(config)
+    app = create_app(config, config_path=args.config)
     drain = args.drain_seconds
 
     delay = args.shutdown_delay

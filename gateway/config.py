@@ -101,7 +101,9 @@ class TokenConfig(_Strict):
     fallback_groups: tuple[str, ...] = ()
     rpm: PositiveInt | None = None  # per-token limits, per replica
     tpm: PositiveInt | None = None
-    admin: bool = False  # reads every token's usage
+    budget_usd_day: Annotated[float, Field(ge=0)] | None = None  # refused once spent
+    budget_usd_month: Annotated[float, Field(ge=0)] | None = None
+    admin: bool = False  # reads every token's usage, manages tokens
 
 
 class PriceConfig(_Strict):
@@ -123,6 +125,18 @@ class AffinityConfig(_Strict):
     window_seconds: Seconds = 60.0
 
 
+class FailoverConfig(_Strict):
+    deadline: Seconds = 30.0  # no retry starts later than this after the request arrived
+    backoff_base: Seconds = 0.025  # full-jitter back-off: up to base x 2^(retry-1) ...
+    backoff_max: Seconds = 1.0  # ... and never more than this
+    retry_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2  # retry budget: share of requests
+    min_retries_in_flight: Annotated[int, Field(ge=0)] = 3  # retry budget floor
+    eject_after: PositiveInt = 5  # consecutive failures
+    base_ejection: Seconds = 10.0  # doubles with each ejection in a row ...
+    max_ejection: Seconds = 300.0  # ... up to this
+    max_ejected_share: Annotated[float, Field(ge=0, le=1)] = 0.5  # of a pool; one always stays
+
+
 class Config(_Strict):
     server: Server
     state: State = State()
@@ -133,6 +147,7 @@ class Config(_Strict):
     tokens: tuple[TokenConfig, ...] = ()
     pricing: dict[str, PriceConfig] = {}
     affinity: AffinityConfig = AffinityConfig()
+    failover: FailoverConfig = FailoverConfig()
 
     @model_validator(mode="after")
     def _references(self) -> Config:

@@ -58,6 +58,8 @@ class Principal:
     fallback_groups: tuple[str, ...] = ()
     rpm: int | None = None
     tpm: int | None = None
+    budget_usd_day: float | None = None
+    budget_usd_month: float | None = None
     admin: bool = False
 
 

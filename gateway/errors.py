@@ -7,6 +7,7 @@ Inner layers raise; the outermost middleware renders. The tree::
     │   ├── PayloadTooLarge           413 request_too_large
     │   └── UnsupportedMediaType      415 invalid_request_error
     ├── Unauthorized                  401 authentication_error
+    ├── BudgetExhausted               402 insufficient_quota
     ├── Forbidden                     403 permission_error
     ├── NotFound                      404 not_found_error
     ├── MethodNotAllowed              405 invalid_request_error
@@ -63,6 +64,12 @@ class Unauthorized(GatewayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class BudgetExhausted(GatewayError):
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exhausted"
 
 
 class Forbidden(GatewayError):

@@ -74,6 +74,13 @@ class Health:
         self.max_cooldown = max_cooldown
         self.clock = clock
 
+    def adopt(self, previous: Health) -> None:
+        """After a reload: accounts that remain keep their state (a cooling or ejected
+        account stays so); new ones start healthy."""
+        for name in self._accounts:
+            if name in previous._accounts:
+                self._accounts[name] = previous._accounts[name]
+
     # --- read side: routing and metrics --------------------------------------------------
 
     def available(self, name: str) -> bool:

@@ -7,15 +7,12 @@ rejected key is never echoed, logged or forwarded.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Mapping
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.context import Principal, RequestContext
-from gateway.errors import RateLimited, Unauthorized
+from gateway.errors import BudgetExhausted, RateLimited, Unauthorized
 from gateway.ratelimit import TokenLimiter, Verdict
+from gateway.tokens import Tokens
 
 
 def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -31,16 +28,10 @@ def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 
 class AuthMiddleware:
     def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        secret: str,
-        principals: Mapping[str, Principal],
-        limiter: TokenLimiter | None = None,
+        self, app: ASGIApp, *, tokens: Tokens, limiter: TokenLimiter | None = None
     ) -> None:
         self.app = app
-        self._secret = secret.encode()
-        self._principals = {bytes.fromhex(h): p for h, p in principals.items()}
+        self.tokens = tokens
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -52,13 +43,15 @@ class AuthMiddleware:
             raise Unauthorized(
                 "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'"
             )
-        digest = hmac.new(self._secret, key, hashlib.sha256).digest()
         # Keyed by an HMAC the caller cannot compute without the secret, so the timing
         # of the lookup tells nothing about stored keys.
-        principal = self._principals.get(digest)
+        principal = self.tokens.lookup(self.tokens.digest(key))
         if principal is None:
             raise Unauthorized("invalid API key")
         RequestContext.of(scope).principal = principal
+        spent = self.tokens.over_budget(principal)
+        if spent is not None:
+            raise BudgetExhausted(f"the {spent} budget of token {principal.token!r} is used up")
         if self.limiter is not None and (principal.rpm or principal.tpm):
             verdict = self.limiter.admit(principal.token, principal.rpm, principal.tpm)
             if not verdict.allowed:

@@ -27,6 +27,7 @@ from gateway.owners import ResponseOwners
 from gateway.pricing import Price, cost
 from gateway.ratelimit import TokenLimiter
 from gateway.sse import SSEParser
+from gateway.tokens import Tokens
 from gateway.usage import (
     StreamUsage,
     Usage,
@@ -70,8 +71,10 @@ class MeteringMiddleware:
         usage_log: UsageLog,
         limiter: TokenLimiter | None = None,
         owners: ResponseOwners | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.app = app
+        self.tokens = tokens
         self.limiter = limiter
         self.owners = owners
         self.metrics = metrics
@@ -180,8 +183,12 @@ class MeteringMiddleware:
                 ctx.usage = stream.estimate(ctx.tokens_estimate, streamed * 4)
                 price(ctx.usage)
             self._count(ctx, status)
-            if ctx.principal is not None and ctx.endpoint is not None:
+            # Only requests that reached an upstream route are usage: a request refused
+            # before (bad key, budget, unknown model, saturation) is counted, not logged.
+            if ctx.principal is not None and ctx.endpoint is not None and ctx.route is not None:
                 self.usage_log.append(self._record(ctx, status))
+                if self.tokens is not None and ctx.cost:
+                    await self.tokens.spent(ctx.principal.token, ctx.cost)
                 if self.limiter is not None and ctx.usage is not None and ctx.principal.tpm:
                     used = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
                     self.limiter.record_tokens(ctx.principal.token, used)

@@ -81,8 +81,11 @@ class PinningMiddleware:
             if not choice.candidates:
                 self.metrics.decisions.labels(route.group, "saturated").inc()
                 saturated = saturated or route.group
-                if choice.retry_after is not None:
-                    retry_after = min(retry_after or choice.retry_after, choice.retry_after)
+                # Accounts cooling down or ejected are not in the choice at all: the first
+                # of them back is as good a time to retry as a window with headroom.
+                for wait in (choice.retry_after, self.health.retry_in(a.name for a in members)):
+                    if wait is not None:
+                        retry_after = wait if retry_after is None else min(retry_after, wait)
                 continue
             reason = "fallback_group" if step else choice.reason
             self.metrics.decisions.labels(route.group, reason).inc()

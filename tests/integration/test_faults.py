@@ -18,7 +18,7 @@ import orjson
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.config import Config, Timeouts
+from gateway.config import Config, FailoverConfig, Timeouts
 from gateway.context import Endpoint
 from gateway.presets import emulated_config
 from gateway.serving import AppServer
@@ -215,6 +215,18 @@ async def test_first_byte_timeout_fails_over_and_closes_the_slow_attempt(
     await until(lambda: clean_emulator.stats()["accounts"][emu(pick)]["disconnects"] == 1)
 
 
+async def test_no_retry_starts_after_the_configured_deadline(
+    new_gateway: StartGateway, clean_emulator: Emulator
+) -> None:
+    config = emulated_config(clean_emulator.url, server={"timeouts": {"first_byte": 0.4}})
+    gw = new_gateway(config.model_copy(update={"failover": FailoverConfig(deadline=0.2)}))
+    for i in range(4):
+        clean_emulator.faults(f"acct-{i}", stall_seconds=3)
+    reply = await post(gw, "openai", body("openai", "deadline"))
+    assert reply.status == 504 and reply.seconds < 1.0
+    assert [outcome for _, outcome in attempts(gw)] == ["timeout"]
+
+
 async def until(predicate: Callable[[], bool], within: float = 1.0) -> float:
     """Poll until true; the seconds it took. Fails the test after `within` seconds."""
     t0 = time.monotonic()
@@ -276,7 +288,7 @@ async def test_every_account_429_is_a_fast_429_with_retry_after(
     # While they cool down, nobody is asked and the answer is immediate.
     again = await post(gw, family, body(family, "all limited"))
     assert again.status == 429 and again.seconds < 0.5
-    assert 1 <= int(again.headers["retry-after"]) <= 2
+    assert again.headers["retry-after"] == "2"  # the shortest cooldown left, rounded up
     assert sum(emu_requests(clean_emulator).values()) == 4
 
 
@@ -677,6 +689,9 @@ async def test_rejected_credentials_quarantine_the_account_and_alert_without_the
     alerts = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(alerts) == 1 and pick in alerts[0].getMessage()
     assert not any("sk-" in r.getMessage() for r in caplog.records)
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/metrics") as r:
+        exposition = await r.text()
+    assert f'gateway_account_alerts_total{{account="{pick}"}} 1.0' in exposition
     nxt = await post(gw, "openai", body("openai", "bad key"))
     assert nxt.status == 200 and nxt.headers["x-upstream-account"] != pick
     assert clean_emulator.stats()["accounts"][emu(pick)]["requests"] == 1

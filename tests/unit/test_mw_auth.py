@@ -6,6 +6,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.context import Principal, RequestContext
 from gateway.errors import Unauthorized
 from gateway.keys import hash_key
+from gateway.tokens import MemoryTokenStore, Tokens
 from middleware.auth import AuthMiddleware
 from tests.asgi import Recorder, body_receive, make_ctx, make_scope
 
@@ -17,8 +18,12 @@ async def _ok(scope: Scope, receive: Receive, send: Send) -> None:
     pass
 
 
+def tokens(secret: str = SECRET) -> Tokens:
+    return Tokens(secret, {hash_key(SECRET, "sk-alice"): ALICE}, MemoryTokenStore())
+
+
 def mw() -> AuthMiddleware:
-    return AuthMiddleware(_ok, secret=SECRET, principals={hash_key(SECRET, "sk-alice"): ALICE})
+    return AuthMiddleware(_ok, tokens=tokens())
 
 
 @pytest.mark.parametrize(
@@ -47,9 +52,7 @@ async def test_bad_or_missing_key_is_401_and_never_echoed(headers: list[tuple[st
 
 
 async def test_hash_under_another_secret_does_not_match() -> None:
-    other = AuthMiddleware(
-        _ok, secret="another-secret-entirely", principals={hash_key(SECRET, "sk-alice"): ALICE}
-    )
+    other = AuthMiddleware(_ok, tokens=tokens("another-secret-entirely"))
     with pytest.raises(Unauthorized):
         await other(
             make_scope(headers=[("x-api-key", "sk-alice")], ctx=make_ctx()),

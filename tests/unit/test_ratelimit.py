@@ -7,6 +7,7 @@ from gateway.context import Principal
 from gateway.errors import RateLimited
 from gateway.keys import hash_key
 from gateway.ratelimit import TokenLimiter
+from gateway.tokens import MemoryTokenStore, Tokens
 from middleware.auth import AuthMiddleware
 from tests.asgi import Recorder, body_receive, make_ctx, make_scope
 
@@ -52,9 +53,8 @@ async def _ok(scope: Scope, receive: Receive, send: Send) -> None:
 async def test_auth_answers_429_with_ratelimit_headers() -> None:
     secret = "a-test-secret-of-some-length"
     p = Principal(token="t", user="u", user_group="default", group="g", rpm=1)
-    mw = AuthMiddleware(
-        _ok, secret=secret, principals={hash_key(secret, "k"): p}, limiter=TokenLimiter()
-    )
+    tokens = Tokens(secret, {hash_key(secret, "k"): p}, MemoryTokenStore())
+    mw = AuthMiddleware(_ok, tokens=tokens, limiter=TokenLimiter())
     scope = make_scope(headers=[("x-api-key", "k")], ctx=make_ctx())
     await mw(scope, body_receive(), Recorder())
     with pytest.raises(RateLimited) as info:
