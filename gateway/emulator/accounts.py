@@ -1,4 +1,5 @@
-"""Runtime state of one emulated account: its cache, rate window, faults and counters."""
+"""Runtime state of one emulated account: its cache, stored responses, rate window, faults
+and counters."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from gateway.emulator.cache import PrefixCache
 from gateway.emulator.config import AccountSpec, EmulatorConfig, FaultSpec, LimitSpec
 from gateway.emulator.limits import RateWindow
+from gateway.emulator.stored import ResponseStore
 
 
 @dataclass(slots=True)
@@ -23,6 +25,8 @@ class Stats:
     rate_limited: 429s from the account's limits; faults_injected: requests hit by an
         injected error, stall or cut; errors: other error responses (400, 413).
     disconnects: requests whose client went away before the response was complete.
+    response_not_found: Responses requests refused because their previous_response_id
+        is not stored on this account (also counted in errors).
     """
 
     requests: int = 0
@@ -34,6 +38,7 @@ class Stats:
     faults_injected: int = 0
     errors: int = 0
     disconnects: int = 0
+    response_not_found: int = 0
     last_disconnect_at: float | None = None  # wall-clock (unix) time
 
 
@@ -41,13 +46,27 @@ COUNTERS = tuple(f.name for f in fields(Stats) if f.name != "last_disconnect_at"
 
 
 class Account:
-    __slots__ = ("active", "cache", "faults", "limits", "name", "rng", "stats", "window")
+    __slots__ = (
+        "active",
+        "cache",
+        "faults",
+        "limits",
+        "name",
+        "responses",
+        "rng",
+        "stats",
+        "window",
+    )
 
     def __init__(self, spec: AccountSpec, config: EmulatorConfig) -> None:
         self.name = spec.name
         self.limits: LimitSpec = spec.limits()
         self.faults: FaultSpec = spec.faults
         self.cache = PrefixCache(config.max_cache_entries_per_account)
+        self.responses = ResponseStore(
+            ttl=config.scaled(config.response_ttl_seconds),
+            max_entries=config.max_stored_responses_per_account,
+        )
         self.window = RateWindow(config.scaled(config.window_seconds))
         self.stats = Stats()
         self.active = 0
@@ -66,4 +85,5 @@ class Account:
         data = asdict(self.stats)
         data["active"] = self.active
         data["cache_entries"] = len(self.cache)
+        data["stored_responses"] = len(self.responses)
         return data

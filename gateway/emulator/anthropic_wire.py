@@ -13,6 +13,7 @@ from gateway.emulator.asgi import bearer_token, header
 from gateway.emulator.cache import CachePlan, CachePolicy, PrefixCache
 from gateway.emulator.dialect import Generation, Headers, LimitState, Usage, output_limit
 from gateway.emulator.prompt import Prompt, PromptError, anthropic_prompt
+from gateway.emulator.stored import ResponseStore
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -71,7 +72,14 @@ class AnthropicDialect:
         return None
 
     def parse(
-        self, body: dict[str, Any], *, rid: str, default_tokens: int, max_tokens: int
+        self,
+        body: dict[str, Any],
+        *,
+        rid: str,
+        default_tokens: int,
+        max_tokens: int,
+        stored: ResponseStore,
+        now: float,
     ) -> Generation:
         prompt = anthropic_prompt(body)
         limit = output_limit(body, "max_tokens")
@@ -148,7 +156,7 @@ class AnthropicDialect:
             b"content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
         )
 
-    def stream_tail(self, gen: Generation, usage: Usage) -> list[bytes]:
+    def stream_tail(self, gen: Generation, usage: Usage, tokens: Sequence[str]) -> list[bytes]:
         final = _usage(usage, usage.output_tokens)
         cumulative = {
             key: final[key]

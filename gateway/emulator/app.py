@@ -3,6 +3,8 @@
 API endpoints (an account's key authenticates both families; point the OpenAI SDK at
 ``<url>/v1`` and the Anthropic SDK at ``<url>``):
   POST /v1/chat/completions, /v1/embeddings, GET /v1/models    OpenAI (Bearer key)
+  POST /v1/responses; GET, DELETE /v1/responses/{id};          OpenAI Responses, stored
+  GET /v1/responses/{id}/input_items                           per account
   POST /v1/messages, /v1/messages/count_tokens                 Anthropic (x-api-key or
                                                                Bearer; anthropic-version)
   GET /v1/models with an anthropic-version header answers in the Anthropic format.
@@ -50,12 +52,20 @@ from gateway.emulator.dialect import Dialect, Generation, Headers, LimitState, U
 from gateway.emulator.limits import admit
 from gateway.emulator.openai_wire import OpenAIDialect
 from gateway.emulator.prompt import PromptError, anthropic_prompt, estimate_tokens
+from gateway.emulator.responses_wire import (
+    PreviousResponseNotFound,
+    ResponsesDialect,
+    deleted,
+    input_items,
+    not_found,
+)
 from gateway.emulator.text import TextSource, embedding
 
 OPENAI: Dialect = OpenAIDialect()
 ANTHROPIC: Dialect = AnthropicDialect()
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+RESPONSE_PATH = "/v1/responses/"
 DEFAULT_EMBEDDING_DIMENSIONS = 16
 MODELS = (
     ("gpt-4o", "openai"),
@@ -107,6 +117,7 @@ class EmulatorApp:
             lookback=config.lookback_blocks,
         )
         self.text = TextSource(config.seed, config.max_output_tokens)
+        self.responses = ResponsesDialect(config.seed)
         latency = config.latency
         self._base = config.scaled(latency.base_ms / 1e3)
         self._prefill_per_token = config.scaled(latency.prefill_ms_per_1k_uncached / 1e6)
@@ -120,6 +131,7 @@ class EmulatorApp:
         self._routes: dict[tuple[str, str], Handler] = {
             ("POST", "/v1/chat/completions"): self._chat_completions,
             ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/responses"): self._create_response,
             ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("POST", "/v1/embeddings"): self._embeddings,
             ("GET", "/v1/models"): self._models,
@@ -139,6 +151,9 @@ class EmulatorApp:
         handler = self._routes.get((scope["method"], scope["path"]))
         if handler is not None:
             await handler(scope, receive, send)
+            return
+        if scope["path"].startswith(RESPONSE_PATH):
+            await self._stored_response(scope, receive, send)
             return
         dialect = ANTHROPIC if scope["path"].startswith("/v1/messages") else OPENAI
         known = any(path == scope["path"] for _, path in self._routes)
@@ -226,8 +241,10 @@ class EmulatorApp:
         return stall
 
     async def _fail(self, call: _Call, status: int, message: str) -> None:
+        await self._refuse(call, status, call.dialect.error(status, message))
+
+    async def _refuse(self, call: _Call, status: int, body: bytes) -> None:
         call.account.stats.errors += 1
-        body = call.dialect.error(status, message)
         await self._answer(call, status, body, self._limit_headers(call, self.clock()), JSON)
 
     def _limit_headers(self, call: _Call, now: float) -> Headers:
@@ -285,6 +302,9 @@ class EmulatorApp:
     async def _messages(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._generate(ANTHROPIC, scope, receive, send)
 
+    async def _create_response(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(self.responses, scope, receive, send)
+
     async def _generate(self, dialect: Dialect, scope: Scope, receive: Receive, send: Send) -> None:
         call = await self._open(dialect, scope, receive, send)
         if call is None:
@@ -296,7 +316,13 @@ class EmulatorApp:
                     rid=call.rid,
                     default_tokens=self.config.default_output_tokens,
                     max_tokens=self.config.max_output_tokens,
+                    stored=call.account.responses,
+                    now=self.clock(),
                 )
+            except PreviousResponseNotFound as exc:
+                call.account.stats.response_not_found += 1
+                await self._refuse(call, 400, exc.body)
+                return
             except PromptError as exc:
                 await self._fail(call, 400, str(exc))
                 return
@@ -401,7 +427,7 @@ class EmulatorApp:
                 )
                 sent += len(piece)
                 chunks += 1
-            tail = dialect.stream_tail(gen, usage)
+            tail = dialect.stream_tail(gen, usage, tokens)
             for event in tail[:-1]:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
             await send({"type": "http.response.body", "body": tail[-1]})
@@ -500,6 +526,41 @@ class EmulatorApp:
             payload = {"object": "list", "data": models}
         await respond(send, 200, orjson.dumps(payload), call.headers)
 
+    async def _stored_response(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """GET or DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items: on the
+        caller's account only, like the previous_response_id they serve."""
+        response_id, _, rest = scope["path"][len(RESPONSE_PATH) :].partition("/")
+        methods = ("GET", "DELETE") if not rest else ("GET",) if rest == "input_items" else ()
+        if not response_id or not methods or scope["method"] not in methods:
+            status = 405 if methods and response_id else 404
+            message = f"{scope['method']} {scope['path']}"
+            await respond(send, status, OPENAI.error(status, message))
+            return
+        call = await self._open(self.responses, scope, receive, send, count=False)
+        if call is None:
+            return
+        now = self.clock()
+        stored = call.account.responses
+        if scope["method"] == "DELETE":
+            if stored.delete(response_id, now):
+                await respond(send, 200, deleted(response_id), call.headers)
+            else:
+                await respond(send, 404, not_found(response_id), call.headers)
+            return
+        response = stored.get(response_id, now)
+        if response is None:
+            await respond(send, 404, not_found(response_id), call.headers)
+            return
+        if not rest:
+            await respond(send, 200, response.body, call.headers)
+            return
+        try:
+            page = input_items(response_id, response, scope.get("query_string", b""))
+        except PromptError as exc:
+            await respond(send, 400, OPENAI.error(400, str(exc)), call.headers)
+            return
+        await respond(send, 200, page, call.headers)
+
     # --- stats, debugging and control ---------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -507,7 +568,7 @@ class EmulatorApp:
         accounts = {name: account.snapshot() for name, account in self.accounts.items()}
         totals: dict[str, Any] = {
             key: sum(a[key] for a in accounts.values())
-            for key in (*COUNTERS, "active", "cache_entries")
+            for key in (*COUNTERS, "active", "cache_entries", "stored_responses")
         }
         moments = [a["last_disconnect_at"] for a in accounts.values() if a["last_disconnect_at"]]
         totals["last_disconnect_at"] = max(moments, default=None)

@@ -26,6 +26,8 @@ _POSITIVE = (
     "stream_chunk_tokens",
     "window_seconds",
     "request_log_size",
+    "response_ttl_seconds",
+    "max_stored_responses_per_account",
 )
 
 
@@ -148,6 +150,9 @@ class EmulatorConfig:
     stream_chunk_tokens: output tokens per streamed content chunk.
     window_seconds: length of the sliding rate-limit window.
     request_log_size: how many requests ``GET /debug/requests`` remembers.
+    response_ttl_seconds: how long an account keeps a stored Responses API response
+        (``previous_response_id``, ``GET /v1/responses/{id}``), from its creation.
+    max_stored_responses_per_account: LRU bound of each account's stored responses.
     """
 
     accounts: list[AccountSpec]
@@ -165,6 +170,8 @@ class EmulatorConfig:
     stream_chunk_tokens: int = 1
     window_seconds: float = 60.0
     request_log_size: int = 200
+    response_ttl_seconds: float = 30 * 86400.0
+    max_stored_responses_per_account: int = 10_000
 
     def __post_init__(self) -> None:
         if not self.accounts:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from gateway.emulator.cache import CachePlan, CachePolicy, PrefixCache
 from gateway.emulator.prompt import Prompt, PromptError
+from gateway.emulator.stored import ResponseStore
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -73,9 +74,20 @@ class Dialect(Protocol):
         ...
 
     def parse(
-        self, body: dict[str, Any], *, rid: str, default_tokens: int, max_tokens: int
+        self,
+        body: dict[str, Any],
+        *,
+        rid: str,
+        default_tokens: int,
+        max_tokens: int,
+        stored: ResponseStore,
+        now: float,
     ) -> Generation:
-        """Raises PromptError on an invalid body; rid makes the response id."""
+        """Raises PromptError on an invalid body; rid makes the response id.
+
+        stored: the account's stored responses, the server-side conversation state of
+        the Responses API (the stateless endpoints ignore it).
+        """
         ...
 
     def plan(
@@ -94,4 +106,6 @@ class Dialect(Protocol):
 
     def stream_chunk(self, gen: Generation, text: str) -> bytes: ...
 
-    def stream_tail(self, gen: Generation, usage: Usage) -> list[bytes]: ...
+    def stream_tail(self, gen: Generation, usage: Usage, tokens: Sequence[str]) -> list[bytes]:
+        """The closing events, once every token of the output has been sent."""
+        ...

@@ -12,6 +12,7 @@ from gateway.emulator.asgi import bearer_token
 from gateway.emulator.cache import CachePlan, CachePolicy, PrefixCache
 from gateway.emulator.dialect import Generation, Headers, LimitState, Usage, output_limit
 from gateway.emulator.prompt import Prompt, openai_prompt
+from gateway.emulator.stored import ResponseStore
 
 _FINGERPRINT = "fp_emulator"
 _DONE = b"data: [DONE]\n\n"
@@ -46,14 +47,26 @@ def usage_object(usage: Usage) -> dict[str, Any]:
 _ERROR_CODES = {401: "invalid_api_key", 404: "unknown_url", 429: "rate_limit_exceeded"}
 
 
-def error_body(status: int, message: str, kind: str | None = None) -> bytes:
+def error_body(
+    status: int,
+    message: str,
+    kind: str | None = None,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> bytes:
     if status == 429:
         kind = "tokens" if kind == "tokens" else "requests"
     elif status >= 500:
         kind = "server_error"
     else:
         kind = "invalid_request_error"
-    error = {"message": message, "type": kind, "param": None, "code": _ERROR_CODES.get(status)}
+    error = {
+        "message": message,
+        "type": kind,
+        "param": param,
+        "code": code or _ERROR_CODES.get(status),
+    }
     return orjson.dumps({"error": error})
 
 
@@ -69,7 +82,14 @@ class OpenAIDialect:
         return None
 
     def parse(
-        self, body: dict[str, Any], *, rid: str, default_tokens: int, max_tokens: int
+        self,
+        body: dict[str, Any],
+        *,
+        rid: str,
+        default_tokens: int,
+        max_tokens: int,
+        stored: ResponseStore,
+        now: float,
     ) -> Generation:
         prompt = openai_prompt(body)
         stream = body.get("stream") is True
@@ -150,7 +170,7 @@ class OpenAIDialect:
     def stream_chunk(self, gen: Generation, text: str) -> bytes:
         return self._chunk(gen, {"content": text}, None)
 
-    def stream_tail(self, gen: Generation, usage: Usage) -> list[bytes]:
+    def stream_tail(self, gen: Generation, usage: Usage, tokens: Sequence[str]) -> list[bytes]:
         events = [self._chunk(gen, {}, "stop")]
         if gen.include_usage:
             events.append(

@@ -1,8 +1,9 @@
 """Canonical prompt serialisation: the text a provider's prompt cache sees.
 
-Order is the providers' cache order: tools, then system, then messages; for each
-message its role and content. Text goes in verbatim (so the token estimate tracks the
-text), anything structured as sorted-key JSON, images and files by a hash of their data.
+Order is the providers' cache order: tools, then system (Responses: instructions), then
+the messages (Responses: the conversation); for each message its role and content.
+Text goes in verbatim (so the token estimate tracks the text), anything structured as
+sorted-key JSON, images and files by a hash of their data.
 Anthropic prompts also record where each content block ends and which ends carry a
 ``cache_control`` breakpoint.
 """
@@ -117,6 +118,82 @@ def openai_prompt(body: dict[str, Any]) -> Prompt:
             if extras:
                 parts.append(orjson.dumps(extras, option=_SORTED))
     return Prompt(b"".join(parts), seed)
+
+
+# --- OpenAI responses ------------------------------------------------------------------
+#
+# A turn serialises like chat messages (role marker, then content), so a message replayed
+# by the client and the same message recalled through previous_response_id are the same
+# bytes. Item ids and statuses never reach the model; other items (function calls and
+# their outputs, reasoning...) go in as sorted-key JSON under their type.
+
+_RESPONSES_TEXT = ("input_text", "output_text")
+_RESPONSES_OPAQUE = {"input_image": b"image", "input_file": b"file", "input_audio": b"audio"}
+_RESPONSES_UNSEEN = frozenset(("id", "status", "type"))
+ASSISTANT = b"\n<|assistant|>\n"
+
+
+def responses_seed(body: dict[str, Any]) -> int:
+    """The cache chain seed of a Responses request: the chat one, per model."""
+    return _hash(b"openai\0" + _model(body).encode())
+
+
+def responses_head(body: dict[str, Any]) -> bytes:
+    """What precedes the conversation: tools, then instructions (never carried over)."""
+    parts: list[bytes] = []
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise PromptError("tools: an array is required")
+        parts.append(b"<|tools|>" + orjson.dumps(tools, option=_SORTED))
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        parts.append(b"\n<|system|>\n" + instructions.encode())
+    elif instructions is not None:
+        raise PromptError("instructions: a string is required")
+    return b"".join(parts)
+
+
+def _responses_part(part: Any) -> bytes:
+    if isinstance(part, dict):
+        kind = part.get("type")
+        if kind in _RESPONSES_TEXT and isinstance(part.get("text"), str):
+            return part["text"].encode()  # type: ignore[no-any-return]
+        if kind in _RESPONSES_OPAQUE:
+            source = {k: v for k, v in part.items() if k not in ("type", "detail")}
+            return _opaque(_RESPONSES_OPAQUE[kind], source)
+    return orjson.dumps(part, option=_SORTED)
+
+
+def responses_input(value: Any) -> bytes:
+    """Serialise a turn's ``input``: a string (one user message) or input items."""
+    if isinstance(value, str):
+        return b"\n<|user|>\n" + value.encode()
+    if not isinstance(value, list):
+        raise PromptError("input: a string or an array of input items is required")
+    parts: list[bytes] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise PromptError(f"input.{index}: an input item object is required")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if not isinstance(role, str):
+                raise PromptError(f"input.{index}.role: a string is required")
+            parts.append(b"\n<|" + role.encode() + b"|>\n")
+            content = item.get("content")
+            if isinstance(content, str):
+                parts.append(content.encode())
+            elif isinstance(content, list):
+                parts.extend(_responses_part(part) for part in content)
+            else:
+                raise PromptError(f"input.{index}.content: a string or an array is required")
+        elif isinstance(kind, str):
+            seen = {k: v for k, v in item.items() if k not in _RESPONSES_UNSEEN}
+            parts.append(b"\n<|" + kind.encode() + b"|>\n" + orjson.dumps(seen, option=_SORTED))
+        else:
+            raise PromptError(f"input.{index}.type: a string is required")
+    return b"".join(parts)
 
 
 # --- Anthropic messages ------------------------------------------------------------
