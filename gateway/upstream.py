@@ -41,6 +41,7 @@ from gateway.config import PROVIDER_ENDPOINTS, AccountConfig, Timeouts
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import ClientGone, UpstreamError, UpstreamStatus, UpstreamTimeout
 from gateway.sse import SSEEvent, SSEParser
+from gateway.usage import stream_usage_patch
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,11 @@ class UpstreamApp:
         assert account is not None and ctx.endpoint is not None
         ctx.upstream_status = 0  # this attempt's, not a previous one's
         url = account.urls[ctx.endpoint.value]
-        body = patched_body(ctx.raw_body, ctx.body_patch, ctx.body)
+        patch = ctx.body_patch
+        if ctx.endpoint is Endpoint.CHAT and (wanted := stream_usage_patch(ctx.body)) is not None:
+            # Metering needs the usage of every stream; it hides the chunk again.
+            patch = {**patch, "stream_options": wanted}
+        body = patched_body(ctx.raw_body, patch, ctx.body)
         headers = forward_headers(scope["headers"], account)
         try:
             async with asyncio.timeout(self.first_byte_timeout):

@@ -360,3 +360,16 @@ def _normaliser(provider: Provider, endpoint: Endpoint) -> _Normaliser:
     if endpoint == "responses":
         return _openai_responses
     return _CHAT_NORMALISERS[provider]
+
+
+def stream_usage_patch(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`stream_options` that make an OpenAI-style chat stream report its usage, when the
+    caller streams without asking for it; None when nothing needs to change."""
+    if body.get("stream") is not True:
+        return None
+    opts = body.get("stream_options")
+    if isinstance(opts, dict):
+        if opts.get("include_usage") is True:
+            return None
+        return {**opts, "include_usage": True}
+    return {"include_usage": True}

@@ -1,13 +1,13 @@
 """Meter every proxied request. Reads what the upstream sends back, ctx.route, ctx.account;
-writes ctx.usage, ctx.cost and ctx.body_patch["stream_options"].
+writes ctx.usage and ctx.cost.
 
 Usage is read from the response as it passes, never by buffering a stream: JSON
 bodies get `usage.cost` / `usage.cache_discount` and `X-Upstream-Cache-Read` /
 `X-Upstream-Cache-Write` headers; SSE streams are parsed event by event. For an
-OpenAI chat stream the provider is asked for its usage chunk; when the caller did
-not ask for it, that chunk is removed from the caller's stream and nothing else
-changes. A stream cut before its usage is recorded as estimated, never as zero.
-Metering never fails a request.
+OpenAI chat stream the upstream app asks the provider for its usage chunk
+(`stream_usage_patch`); when the caller did not ask for it, that chunk is removed
+from the caller's stream and nothing else changes. A stream cut before its usage is
+recorded as estimated, never as zero. Metering never fails a request.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from gateway.usage import (
     Usage,
     add_usage_fields,
     add_usage_fields_to_event,
+    stream_usage_patch,
     usage_from_body,
 )
 from gateway.usagelog import UsageLog, UsageRecord
@@ -110,7 +111,7 @@ class MeteringMiddleware:
             return {"cost": round(c.cost, 8), "cache_discount": round(c.cache_discount, 8)}
 
         async def send_metering(message: Message) -> None:
-            nonlocal status, held, stream, parser, streamed
+            nonlocal status, held, stream, parser, streamed, drop_usage_chunk
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers", ())
@@ -122,6 +123,8 @@ class MeteringMiddleware:
                 elif sse:
                     stream = StreamUsage(ctx.account.provider, kind)  # type: ignore[arg-type]
                     parser = SSEParser()
+                    # The upstream app asked for usage the caller did not ask for: hide it.
+                    drop_usage_chunk = kind == "chat" and stream_usage_patch(ctx.body) is not None
                     await send(message)
                 else:
                     held = message
@@ -165,13 +168,6 @@ class MeteringMiddleware:
             more = message.get("more_body", False)
             await send({"type": "http.response.body", "body": b"".join(out), "more_body": more})
 
-        if kind == "chat" and ctx.stream:
-            opts = ctx.body.get("stream_options")
-            if not (isinstance(opts, dict) and opts.get("include_usage") is True):
-                merged = dict(opts) if isinstance(opts, dict) else {}
-                merged["include_usage"] = True
-                ctx.body_patch["stream_options"] = merged
-                drop_usage_chunk = True
         try:
             await self.app(scope, receive, send_metering)
         except BaseException as exc:

@@ -448,12 +448,6 @@ def test_model_labels_are_configured_models(
     assert label_values_in(exposition, "model") <= configured | {""}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metering decides whether to ask for the usage chunk before the groups layer has"
-    " parsed the body (ctx.stream is still False): plain OpenAI streams never request"
-    " include_usage and are metered as estimated",
-)
 def test_only_cut_streams_are_estimated(observed: tuple[Prometheus, str]) -> None:
     _, exposition = observed
     estimated = sum(

@@ -14,6 +14,7 @@ from gateway.context import Endpoint, Principal, RequestContext
 from gateway.metrics import Metrics
 from gateway.pricing import Price
 from gateway.upstream import Account
+from gateway.usage import stream_usage_patch
 from gateway.usagelog import MemoryUsageLog
 from middleware.metering import MeteringMiddleware
 from tests.asgi import Recorder, body_receive, make_ctx, make_scope
@@ -86,8 +87,8 @@ async def test_stream_without_include_usage_is_upstream_minus_the_usage_chunk(
     cuts: list[int],
 ) -> None:
     ctx, out, log = await run(STREAM, {"model": "gpt-4o", "stream": True}, cuts)
-    # The gateway asked the provider for usage on the caller's behalf...
-    assert ctx.body_patch["stream_options"] == {"include_usage": True}
+    # The gateway asks the provider for usage on the caller's behalf...
+    assert stream_usage_patch(ctx.body) == {"include_usage": True}
     events = STREAM.split(b"\n\n")
     usage_only = [e for e in events if b'"usage"' in e and b'"choices":[]' in e]
     assert len(usage_only) == 1
@@ -102,7 +103,7 @@ async def test_stream_without_include_usage_is_upstream_minus_the_usage_chunk(
 async def test_stream_with_include_usage_keeps_the_chunk_and_adds_the_cost() -> None:
     body = {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}
     ctx, out, _ = await run(STREAM, body, [])
-    assert "stream_options" not in ctx.body_patch
+    assert stream_usage_patch(body) is None
     usage_events = [e for e in out.split(b"\n\n") if b'"usage":{' in e]
     assert len(usage_events) == 1
     usage = orjson.loads(usage_events[0].removeprefix(b"data: "))["usage"]
