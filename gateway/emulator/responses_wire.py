@@ -88,7 +88,7 @@ def _turn(gen: Generation) -> Turn:
 def usage_object(usage: Usage) -> dict[str, Any]:
     return {
         "input_tokens": usage.prompt_tokens,
-        # OpenAI's automatic cache bills no writes, as chat completions report none.
+        # OpenAI does not bill writes to its automatic cache (chat completions report none).
         "input_tokens_details": {"cached_tokens": usage.read_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
@@ -115,6 +115,16 @@ def _event(turn: Turn, kind: str, fields: dict[str, Any]) -> bytes:
     turn.sequence = sequence + 1
     payload = {"type": kind, "sequence_number": sequence, **fields}
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _response_event(turn: Turn, kind: str, response: bytes) -> bytes:
+    """An event carrying a whole response object, already serialised (it may be large:
+    it repeats the instructions and tools)."""
+    sequence = turn.sequence
+    turn.sequence = sequence + 1
+    name = kind.encode()
+    head = b'{"type":"%s","sequence_number":%d,"response":' % (name, sequence)
+    return b"event: " + name + b"\ndata: " + head + response + b"}\n\n"
 
 
 def _echo(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -244,9 +254,10 @@ class ResponsesDialect(OpenAIDialect):
     def stream_head(self, gen: Generation, usage: Usage) -> list[bytes]:
         turn = _turn(gen)
         item_id = turn.message_id
+        started = orjson.dumps(turn.skeleton)
         return [
-            _event(turn, "response.created", {"response": turn.skeleton}),
-            _event(turn, "response.in_progress", {"response": turn.skeleton}),
+            _response_event(turn, "response.created", started),
+            _response_event(turn, "response.in_progress", started),
             _event(
                 turn,
                 "response.output_item.added",
@@ -285,11 +296,8 @@ class ResponsesDialect(OpenAIDialect):
                 {"output_index": 0, "item": _message(item_id, "completed", [part])},
             ),
         ]
-        # The stored body goes into the last event as is, rather than serialised twice.
         body = self._complete(turn, usage, text)
-        head = b'{"type":"response.completed","sequence_number":%d,"response":' % turn.sequence
-        turn.sequence += 1
-        events.append(b"event: response.completed\ndata: " + head + body + b"}\n\n")
+        events.append(_response_event(turn, "response.completed", body))
         return events
 
 
