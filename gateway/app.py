@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from urllib.parse import parse_qs
 
+import aiohttp
 import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,7 +30,14 @@ from affinity.state import AffinityState
 from gateway.config import PROVIDER_ENDPOINTS, Config, ConfigError, load_config
 from gateway.context import Endpoint, Principal, RequestContext
 from gateway.drain import Drain
-from gateway.errors import BadRequest, MethodNotAllowed, NotFound
+from gateway.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
 from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.owners import MemoryOwners, RedisOwners, ResponseOwners
@@ -50,6 +58,7 @@ from middleware.prefix import PrefixMiddleware
 log = logging.getLogger(__name__)
 
 _PROXIED = {f"/v1/{e.value}" for e in Endpoint}
+_RESPONSE_PREFIX = "/v1/responses/"
 _DASHBOARD = (resources.files("gateway") / "static" / "dashboard.html").read_bytes()
 
 
@@ -409,7 +418,45 @@ class Gateway:
             stats = cache_stats(await self.usage_log.query(q))
             await _respond(send, 200, orjson.dumps({"window_seconds": 86400, **stats}))
             return
+        if path.startswith(_RESPONSE_PREFIX) and method in ("GET", "DELETE"):
+            status, body = await self._stored_response(scope, ctx.principal, method)
+            await _respond(send, status, body)
+            return
         raise NotFound(f"no route for {method} {path}")
+
+    async def _stored_response(
+        self, scope: Scope, principal: Principal, method: str
+    ) -> tuple[int, bytes]:
+        """GET / DELETE a stored response on the account that holds it."""
+        rest: str = scope["path"][len(_RESPONSE_PREFIX) :]
+        response_id = rest.split("/", 1)[0]
+        found = await self.owners.get(response_id)
+        if found is None or (found.token != principal.token and not principal.admin):
+            raise NotFound(f"no stored response {response_id!r} for this key", code="not_found")
+        account = self.accounts.get(found.account)
+        if account is None or not account.speaks("responses"):
+            raise NotFound(
+                f"the account holding response {response_id!r} is gone", code="not_found"
+            )
+        url = f"{account.urls['responses']}/{rest}"
+        query = scope.get("query_string", b"").decode("latin-1")
+        try:
+            async with (
+                asyncio.timeout(self.config.server.timeouts.first_byte),
+                self.upstream.session.request(
+                    method, f"{url}?{query}" if query else url, headers=dict(account.auth)
+                ) as r,
+            ):
+                body = await r.read()
+        except TimeoutError:
+            raise UpstreamTimeout(f"account {account.name}: no response in time") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"account {account.name}: connection failed ({type(exc).__name__})"
+            ) from None
+        if r.status >= 400:
+            raise UpstreamStatus(r.status, f"the upstream provider answered {r.status}")
+        return r.status, body
 
     async def _usage(self, scope: Scope, principal: Principal) -> bytes:
         """This token's usage records, newest first; an admin token sees every token's."""

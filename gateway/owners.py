@@ -12,6 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -19,9 +20,23 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = 30 * 86400.0  # providers keep stored responses for 30 days
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    account: str  # holds the stored response
+    token: str  # created it: only this token may continue, read or delete it
+
+    def dump(self) -> str:
+        return f"{self.account}\t{self.token}"
+
+    @staticmethod
+    def load(raw: str) -> Owner:
+        account, _, token = raw.partition("\t")
+        return Owner(account, token)
+
+
 class ResponseOwners(Protocol):
-    async def put(self, response_id: str, account: str) -> None: ...
-    async def get(self, response_id: str) -> str | None: ...
+    async def put(self, response_id: str, owner: Owner) -> None: ...
+    async def get(self, response_id: str) -> Owner | None: ...
     async def aclose(self) -> None: ...
 
 
@@ -35,21 +50,21 @@ class MemoryOwners:
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = clock
-        self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._owners: OrderedDict[str, tuple[Owner, float]] = OrderedDict()
 
-    async def put(self, response_id: str, account: str) -> None:
-        self.put_now(response_id, account)
+    async def put(self, response_id: str, owner: Owner) -> None:
+        self.put_now(response_id, owner)
 
-    def put_now(self, response_id: str, account: str) -> None:
-        self._owners[response_id] = (account, self.clock() + self.ttl)
+    def put_now(self, response_id: str, owner: Owner) -> None:
+        self._owners[response_id] = (owner, self.clock() + self.ttl)
         self._owners.move_to_end(response_id)
         while len(self._owners) > self.max_entries:
             self._owners.popitem(last=False)
 
-    async def get(self, response_id: str) -> str | None:
+    async def get(self, response_id: str) -> Owner | None:
         return self.get_now(response_id)
 
-    def get_now(self, response_id: str) -> str | None:
+    def get_now(self, response_id: str) -> Owner | None:
         entry = self._owners.get(response_id)
         if entry is None:
             return None
@@ -84,15 +99,15 @@ class RedisOwners:
     def _key(self, response_id: str) -> str:
         return f"{self.prefix}:resp:{response_id}"
 
-    async def put(self, response_id: str, account: str) -> None:
-        self.local.put_now(response_id, account)
+    async def put(self, response_id: str, owner: Owner) -> None:
+        self.local.put_now(response_id, owner)
         try:
-            await self._redis.set(self._key(response_id), account, ex=self.ttl)
+            await self._redis.set(self._key(response_id), owner.dump(), ex=self.ttl)
         except Exception as exc:  # Redis away: this replica still knows, others learn later
             self.errors += 1
             log.warning("response owner not shared (%s)", type(exc).__name__)
 
-    async def get(self, response_id: str) -> str | None:
+    async def get(self, response_id: str) -> Owner | None:
         try:
             raw = await self._redis.get(self._key(response_id))
         except Exception as exc:
@@ -101,7 +116,7 @@ class RedisOwners:
             return self.local.get_now(response_id)
         if raw is None:
             return self.local.get_now(response_id)
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+        return Owner.load(raw.decode() if isinstance(raw, bytes) else str(raw))
 
     async def aclose(self) -> None:
         await self._redis.aclose()

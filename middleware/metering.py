@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import RouteExhausted
 from gateway.metrics import Metrics
-from gateway.owners import ResponseOwners
+from gateway.owners import Owner, ResponseOwners
 from gateway.pricing import Price, cost
 from gateway.ratelimit import TokenLimiter
 from gateway.sse import SSEParser
@@ -218,8 +218,8 @@ class MeteringMiddleware:
         return {**start, "headers": headers}, body, answer_id
 
     async def _remember(self, response_id: str, ctx: RequestContext) -> None:
-        assert self.owners is not None and ctx.account is not None
-        await self.owners.put(response_id, ctx.account.name)
+        assert self.owners is not None and ctx.account is not None and ctx.principal is not None
+        await self.owners.put(response_id, Owner(ctx.account.name, ctx.principal.token))
 
     @staticmethod
     def _record(ctx: RequestContext, status: int) -> UsageRecord:

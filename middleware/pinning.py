@@ -124,7 +124,13 @@ class PinningMiddleware:
         """A follow-up to a stored response goes to the account that holds it, or fails
         clearly: any other account would answer that the response does not exist."""
         assert ctx.fingerprint is not None and ctx.demand is not None
-        owner = await self.owners.get(previous)
+        found = await self.owners.get(previous)
+        # Another token's stored response is as unknown to this caller as a made-up id.
+        owner = (
+            found.account
+            if found and ctx.principal and found.token == ctx.principal.token
+            else None
+        )
         if owner is None:
             raise BadRequest(
                 f"previous response {previous!r} is not known to this gateway (expired, or"

@@ -89,3 +89,23 @@ def test_unknown_previous_response_is_a_clear_400(gateway: GatewayHandle) -> Non
             max_output_tokens=2,
         )
     assert info.value.code == "previous_response_not_found"
+
+
+def test_get_and_delete_go_to_the_owner_and_only_for_its_token(gateway: GatewayHandle) -> None:
+    c = client(gateway)
+    created = c.responses.create(model="gpt-4o-mini", input="keep me", max_output_tokens=2)
+    fetched = c.responses.retrieve(created.id)
+    assert fetched.id == created.id
+    stranger = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-other", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        stranger.responses.retrieve(created.id)
+    with pytest.raises(openai.BadRequestError):  # nor continue it
+        stranger.responses.create(
+            model="gpt-4o-mini",
+            previous_response_id=created.id,
+            input="mine now",
+            max_output_tokens=2,
+        )
+    c.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(created.id)
