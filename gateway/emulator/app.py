@@ -12,10 +12,12 @@ Operator endpoints (no key): GET /stats, POST /stats/reset, GET /debug/requests 
 last API requests with their headers as received), POST /control/faults and
 POST /control/limits (``{"account": name, ...fields}``; the name alone clears them).
 
-A generation request runs: authenticate (401) -> parse (400) -> injected error ->
-cache lookup -> rate limits (429) -> stall + prefill latency -> cache write ->
-decode latency and the response, streamed or not. A client that goes away during any
-wait is noticed at once and counted; with zero latency there is no wait to notice it in.
+A generation request runs: authenticate (401) -> parse (400, including a
+previous_response_id the account does not hold) -> injected error -> cache lookup ->
+rate limits (429) -> stall + prefill latency -> cache write -> decode latency and the
+response, streamed or not (a completed Responses answer is stored on its account just
+before its last bytes go out). A client that goes away during any wait is noticed at
+once and counted; with zero latency there is no wait to notice it in.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class EmulatorApp:
             lookback=config.lookback_blocks,
         )
         self.text = TextSource(config.seed, config.max_output_tokens)
-        self.responses = ResponsesDialect(config.seed)
+        self._responses = ResponsesDialect(config.seed)
         latency = config.latency
         self._base = config.scaled(latency.base_ms / 1e3)
         self._prefill_per_token = config.scaled(latency.prefill_ms_per_1k_uncached / 1e6)
@@ -303,7 +305,7 @@ class EmulatorApp:
         await self._generate(ANTHROPIC, scope, receive, send)
 
     async def _create_response(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._generate(self.responses, scope, receive, send)
+        await self._generate(self._responses, scope, receive, send)
 
     async def _generate(self, dialect: Dialect, scope: Scope, receive: Receive, send: Send) -> None:
         call = await self._open(dialect, scope, receive, send)
@@ -536,7 +538,7 @@ class EmulatorApp:
             message = f"{scope['method']} {scope['path']}"
             await respond(send, status, OPENAI.error(status, message))
             return
-        call = await self._open(self.responses, scope, receive, send, count=False)
+        call = await self._open(self._responses, scope, receive, send, count=False)
         if call is None:
             return
         now = self.clock()
