@@ -27,11 +27,14 @@ from affinity.memory import MemoryState
 from affinity.router import AffinityRouter
 from affinity.select import Selector
 from affinity.state import AffinityState
+from gateway.body import parse_json_object, read_body
 from gateway.config import PROVIDER_ENDPOINTS, Config, ConfigError, load_config
 from gateway.context import Endpoint, Principal, RequestContext
 from gateway.drain import Drain
 from gateway.errors import (
     BadRequest,
+    Conflict,
+    Forbidden,
     MethodNotAllowed,
     NotFound,
     UpstreamError,
@@ -44,7 +47,7 @@ from gateway.owners import MemoryOwners, RedisOwners, ResponseOwners
 from gateway.pricing import Price
 from gateway.ratelimit import TokenLimiter
 from gateway.stats import cache_stats
-from gateway.tokens import MemoryTokenStore, RedisTokenStore, Tokens, TokenStore
+from gateway.tokens import MemoryTokenStore, RedisTokenStore, Tokens, TokenSpec, TokenStore
 from gateway.upstream import Account, UpstreamApp, UpstreamClient
 from gateway.usagelog import MemoryUsageLog, Query, RedisUsageLog, UsageLog
 from middleware.auth import AuthMiddleware
@@ -73,6 +76,10 @@ async def _respond(
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def principal_is_admin(principal: Principal | None) -> bool:
+    return principal is not None and principal.admin
 
 
 def _principals(config: Config) -> dict[str, Principal]:
@@ -372,6 +379,18 @@ class Gateway:
         kind = scope["type"]
         if kind == "http":
             path: str = scope["path"]
+            admin_port = self.config.server.admin_port
+            if admin_port is not None:
+                server = scope.get("server")
+                on_admin = server is not None and server[1] == admin_port
+                if on_admin != (path == "/metrics" or path.startswith("/admin/")):
+                    # The admin listener serves only admin routes, the public one none.
+                    await _respond(
+                        send,
+                        404,
+                        b'{"error":{"message":"not found","type":"invalid_request_error"}}',
+                    )
+                    return
             if path in _PROXIED:
                 if scope["method"] != "POST":
                     await self.api(scope, receive, send)  # renders 405 in the caller's format
@@ -388,6 +407,8 @@ class Gateway:
             elif path == "/dashboard" and scope["method"] == "GET":
                 # Static: it asks for a key and reads /v1/cache/stats with it.
                 await _respond(send, 200, _DASHBOARD, b"text/html; charset=utf-8")
+            elif path == "/metrics" and self.config.server.metrics_need_admin:
+                await self.api(scope, receive, send)
             elif path == "/metrics":
                 await _respond(send, 200, self.metrics.render(), b"text/plain; version=0.0.4")
             else:
@@ -418,11 +439,104 @@ class Gateway:
             stats = cache_stats(await self.usage_log.query(q))
             await _respond(send, 200, orjson.dumps({"window_seconds": 86400, **stats}))
             return
+        if path == "/metrics":  # reached here only when metrics need an admin key
+            if not principal_is_admin(ctx.principal):
+                raise Forbidden("/metrics needs an admin key")
+            await _respond(send, 200, self.metrics.render(), b"text/plain; version=0.0.4")
+            return
+        if path.startswith("/admin/"):
+            if not principal_is_admin(ctx.principal):
+                raise Forbidden("admin routes need an admin key")
+            status, body = await self._admin(scope, receive, method, path)
+            await _respond(send, status, body)
+            return
         if path.startswith(_RESPONSE_PREFIX) and method in ("GET", "DELETE"):
             status, body = await self._stored_response(scope, ctx.principal, method)
             await _respond(send, status, body)
             return
         raise NotFound(f"no route for {method} {path}")
+
+    async def _admin(
+        self, scope: Scope, receive: Receive, method: str, path: str
+    ) -> tuple[int, bytes]:
+        """Token administration and configuration reload, for admin keys only."""
+        if path == "/admin/reload" and method == "POST":
+            error = self.reload_from_file()
+            if error is not None:
+                raise BadRequest(f"configuration not reloaded, the old one stays: {error}")
+            return 200, b'{"reloaded":true}'
+        if path == "/admin/tokens" and method == "GET":
+            specs = await self.tokens.list()
+            return 200, orjson.dumps({"object": "list", "data": [s.public() for s in specs]})
+        if path == "/admin/tokens" and method == "POST":
+            doc = parse_json_object(scope, await read_body(scope, receive, 64 * 1024))
+            spec = self._token_spec(doc)
+            try:
+                stored, key = await self.tokens.create(spec)
+            except ValueError as exc:
+                raise Conflict(str(exc)) from None
+            return 201, orjson.dumps({**stored.public(), "key": key})
+        parts = path.split("/")  # ["", "admin", "tokens", name, ...]
+        if len(parts) >= 4 and parts[2] == "tokens":
+            name = parts[3]
+            if len(parts) == 5 and parts[4] == "rotate" and method == "POST":
+                rotated = await self.tokens.rotate(name)
+                if rotated is None:
+                    raise NotFound(f"no runtime token named {name!r}")
+                return 200, orjson.dumps({**rotated[0].public(), "key": rotated[1]})
+            if len(parts) == 4 and method == "DELETE":
+                if not await self.tokens.revoke(name):
+                    raise NotFound(f"no runtime token named {name!r}")
+                return 200, orjson.dumps({"name": name, "revoked": True})
+        raise NotFound(f"no admin route for {method} {path}")
+
+    def _token_spec(self, doc: dict[str, object]) -> TokenSpec:
+        allowed = {
+            "name",
+            "group",
+            "user",
+            "user_group",
+            "fallback_groups",
+            "rpm",
+            "tpm",
+            "budget_usd_day",
+            "budget_usd_month",
+        }
+        unknown = set(doc) - allowed
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        name, group = doc.get("name"), doc.get("group")
+        if not isinstance(name, str) or not name or not isinstance(group, str):
+            raise BadRequest("'name' and 'group' are required strings")
+        if group not in self.config.groups:
+            raise BadRequest(f"unknown group {group!r}", param="group")
+        fallbacks = doc.get("fallback_groups", ())
+        if not isinstance(fallbacks, list | tuple) or any(
+            g not in self.config.groups for g in fallbacks
+        ):
+            raise BadRequest("'fallback_groups' must list configured groups")
+
+        def number(field: str) -> float | None:
+            value = doc.get(field)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise BadRequest(f"{field!r} must be a non-negative number", param=field)
+            return value
+
+        rpm, tpm = number("rpm"), number("tpm")
+        return TokenSpec(
+            name=name,
+            key_hash="",
+            group=group,
+            user=str(doc.get("user") or name),
+            user_group=str(doc.get("user_group") or "default"),
+            fallback_groups=tuple(str(g) for g in fallbacks),
+            rpm=int(rpm) if rpm is not None else None,
+            tpm=int(tpm) if tpm is not None else None,
+            budget_usd_day=number("budget_usd_day"),
+            budget_usd_month=number("budget_usd_month"),
+        )
 
     async def _stored_response(
         self, scope: Scope, principal: Principal, method: str

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from types import FrameType
@@ -101,7 +102,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             **_uvicorn_extras(),  # type: ignore[arg-type]
         )
     )
-    server.run()
+    srv = config.server
+    host = args.host or srv.host
+    port = args.port if args.port is not None else srv.port
+    sockets = [socket.create_server((host, port))]
+    if srv.admin_port is not None:
+        # One server, two listeners: the app tells them apart by the port it was reached on.
+        sockets.append(socket.create_server((srv.admin_host, srv.admin_port)))
+    server.run(sockets=sockets)
     return 0
 
 

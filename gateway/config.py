@@ -53,6 +53,10 @@ class Server(_Strict):
     secret: str = Field(min_length=16)  # keys the token hashes (HMAC-SHA256)
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     max_messages: PositiveInt = 10_000  # messages in one request; more is a 400
+    # With admin_port set, /metrics and /admin/* answer only there (bound to admin_host).
+    admin_port: int | None = Field(None, ge=1, le=65535)
+    admin_host: str = "127.0.0.1"
+    metrics_need_admin: bool = False  # /metrics asks for an admin key
     timeouts: Timeouts = Timeouts()
 
 

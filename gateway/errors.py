@@ -11,6 +11,7 @@ Inner layers raise; the outermost middleware renders. The tree::
     ├── Forbidden                     403 permission_error
     ├── NotFound                      404 not_found_error
     ├── MethodNotAllowed              405 invalid_request_error
+    ├── Conflict                      409 invalid_request_error
     ├── RateLimited                   429 rate_limit_error (+ Retry-After)
     ├── UpstreamError                 502 upstream_error
     │   ├── UpstreamTimeout           504
@@ -80,6 +81,11 @@ class Forbidden(GatewayError):
 class NotFound(GatewayError):
     status = 404
     type = "not_found_error"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
 
 
 class MethodNotAllowed(GatewayError):

@@ -48,7 +48,11 @@ class AuthMiddleware:
         principal = self.tokens.lookup(self.tokens.digest(key))
         if principal is None:
             raise Unauthorized("invalid API key")
-        RequestContext.of(scope).principal = principal
+        ctx = RequestContext.of(scope)
+        ctx.principal = principal
+        if ctx.endpoint is None:  # usage, models, admin: not billed, not limited
+            await self.app(scope, receive, send)
+            return
         spent = self.tokens.over_budget(principal)
         if spent is not None:
             raise BudgetExhausted(f"the {spent} budget of token {principal.token!r} is used up")
