@@ -182,6 +182,49 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate(args.args)
 
 
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Runtime token admin over the gateway's admin API."""
+    import asyncio
+
+    import aiohttp
+    import orjson
+
+    base = args.url.rstrip("/") + "/admin/tokens"
+    action = args.tokens_command
+    if action == "create":
+        body: dict[str, object] = {"name": args.name, "group": args.group}
+        for field in ("user", "user_group", "rpm", "tpm", "budget_usd_day", "budget_usd_month"):
+            value = getattr(args, field)
+            if value is not None:
+                body[field] = value
+        method, url, payload = "POST", base, orjson.dumps(body)
+    elif action == "list":
+        method, url, payload = "GET", base, None
+    elif action == "rotate":
+        method, url, payload = "POST", f"{base}/{args.name}/rotate", None
+    else:
+        method, url, payload = "DELETE", f"{base}/{args.name}", None
+
+    async def go() -> tuple[int, bytes]:
+        headers = {"authorization": f"Bearer {args.admin_key}", "content-type": "application/json"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(method, url, data=payload, headers=headers) as r,
+        ):
+            return r.status, await r.read()
+
+    status, raw = asyncio.run(go())
+    print(orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode())
+    if status >= 400:
+        return 1
+    if "key" in (doc := orjson.loads(raw)):
+        print(
+            f"# The key above is shown once; give it to {doc['name']} and keep no copy.",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="affinity-gateway",
@@ -226,6 +269,34 @@ def build_parser() -> argparse.ArgumentParser:
     emulate = sub.add_parser("emulate", help="run the provider emulator")
     emulator.add_arguments(emulate)
     emulate.set_defaults(func=cmd_emulate)
+
+    tokens = sub.add_parser("tokens", help="runtime tokens, through a gateway's admin API")
+    tokens.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="the gateway (or its admin port)"
+    )
+    tokens.add_argument(
+        "--admin-key",
+        default=os.environ.get("GATEWAY_ADMIN_KEY"),
+        required=not os.environ.get("GATEWAY_ADMIN_KEY"),
+    )
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_sub.add_parser("create", help="make a token; prints its key once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--group", required=True)
+    create.add_argument("--user")
+    create.add_argument("--user-group", dest="user_group")
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--tpm", type=int)
+    create.add_argument("--budget-usd-day", dest="budget_usd_day", type=float)
+    create.add_argument("--budget-usd-month", dest="budget_usd_month", type=float)
+    tokens_sub.add_parser("list", help="runtime tokens (never their keys)")
+    for verb, text in (
+        ("rotate", "a new key for a token; the old one stops working"),
+        ("revoke", "remove a token"),
+    ):
+        p = tokens_sub.add_parser(verb, help=text)
+        p.add_argument("name")
+    tokens.set_defaults(func=cmd_tokens)
 
     usage = sub.add_parser("usage", help="usage log tools")
     usage_sub = usage.add_subparsers(dest="usage_command", required=True)

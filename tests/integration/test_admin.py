@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -253,5 +254,40 @@ async def test_admin_routes_and_metrics_only_on_the_admin_port(
             assert (await call(s, "POST", g.url + "/v1/chat/completions", "sk-demo", chat()))[
                 0
             ] == 200
+    finally:
+        await g.stop()
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_tokens_cli_drives_the_admin_api(tmp_path: Path, emulator: Emulator) -> None:
+    g = await GatewayProcess(
+        with_admin(emulated_config(emulator.url, server={"port": free_port()})), tmp_path
+    ).start()
+    try:
+        admin = ("tokens", "--url", g.url, "--admin-key", ADMIN_KEY)
+        code, out = await cli(
+            *admin, "create", "--name", "cli-made", "--group", "default", "--rpm", "5"
+        )
+        assert code == 0
+        key = orjson.loads(out)["key"]
+        async with aiohttp.ClientSession() as s:
+            assert (await call(s, "POST", g.url + "/v1/chat/completions", key, chat()))[0] == 200
+            code, out = await cli(*admin, "list")
+            assert code == 0 and key not in out and "cli-made" in out
+            assert (await cli(*admin, "revoke", "cli-made"))[0] == 0
+            assert (await call(s, "POST", g.url + "/v1/chat/completions", key, chat()))[0] == 401
+        assert (await cli(*admin, "revoke", "cli-made"))[0] == 1  # gone already
     finally:
         await g.stop()
