@@ -136,7 +136,12 @@ class Selector:
 
         if best_tokens >= self.min_tokens:
             return _choice(best, eligible, "longest_match", best_tokens, key)
-        pick = self._placement(pool, eligible, demand, snap)
+        if mode == "session" and fp.session is not None:
+            # A conversation stays on its session's rendezvous account while that has
+            # headroom: load balancing must not move it turn by turn.
+            pick = eligible[0]
+        else:
+            pick = self._placement(pool, eligible, demand, snap)
         if pick is not order[0]:
             reason = "spill_headroom"
         elif mode == "session" and fp.session is not None:

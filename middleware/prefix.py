@@ -25,7 +25,13 @@ _KIND: dict[Endpoint, Literal["chat", "messages", "responses"]] = {
     Endpoint.RESPONSES: "responses",
 }
 # Explicit conversation ids sent by clients and coding agents, first match wins.
-SESSION_HEADERS = (b"x-session-id", b"x-claude-code-session-id", b"session_id", b"conversation_id")
+SESSION_HEADERS = (
+    b"x-session-id",
+    b"x-claude-code-session-id",  # Claude Code
+    b"session_id",  # Codex
+    b"session-id",
+    b"conversation_id",  # Codex
+)
 DEFAULT_OUTPUT_ESTIMATE = 512
 MAX_OUTPUT_ESTIMATE = 8192
 
