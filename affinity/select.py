@@ -68,6 +68,7 @@ class Selector:
         hot_share: float = 0.5,
         balance: float | None = 1.1,
         reserve: float = 0.15,
+        max_candidates: int = 16,
     ) -> None:
         """
         hot_rate_per_account: requests per minute of one root that one account should
@@ -76,6 +77,8 @@ class Selector:
         balance: bound on an account's window tokens per weight, relative to the pool's
         mean, for placing prefixes no account holds yet (None: no bound).
         reserve: share of alpha that new prefixes leave free on each account.
+        max_candidates: accounts with headroom looked for in rendezvous order (the pick,
+        then the failover order); accounts holding a live match are always considered.
         """
         self.alpha = alpha
         self.min_tokens = min_tokens
@@ -86,6 +89,7 @@ class Selector:
         # kept for the conversations it already caches, which would otherwise have to
         # move (and lose their cache) when it fills up.
         self.place_alpha = alpha * (1.0 - reserve)
+        self.max_candidates = max_candidates
         self._rr: dict[str, float] = {}  # smooth weighted round-robin credit per account
 
     def choose(
@@ -113,10 +117,16 @@ class Selector:
         else:
             key = fp.root
         order = rank(key, pool)
-        eligible = self._eligible(order, demand, snap)
+        # Only the first few accounts with headroom matter (the pick and its failover
+        # order), plus any that hold a live match: the rest of a large pool is not checked.
+        eligible = self._eligible(order, demand, snap, self.max_candidates)
         if not eligible:
             return self._saturated(pool, demand, snap)
         matched = snap.matched
+        if matched and len(eligible) < len(order):
+            seen = {a.name for a in eligible}
+            far = [a for a in order if a.name in matched and a.name not in seen]
+            eligible += self._eligible(far, demand, snap)
 
         if mode == "fixed":
             pick = eligible[0]
@@ -153,9 +163,14 @@ class Selector:
     # --- headroom -----------------------------------------------------------------------
 
     def _eligible(
-        self, accounts: list[AccountSpec], demand: Demand, snap: Snapshot
+        self,
+        accounts: list[AccountSpec],
+        demand: Demand,
+        snap: Snapshot,
+        limit: int | None = None,
     ) -> list[AccountSpec]:
-        """fits() over a pool, in its order; unrolled, as it runs for every account."""
+        """fits() over a pool, in its order, up to `limit` hits; unrolled, as it runs for
+        every account."""
         loads = snap.load
         matched = snap.matched
         need_in = demand.input_tokens
@@ -168,6 +183,8 @@ class Selector:
                 need = max(0, need_in - matched.get(account.name, 0))
             if _fits(account.limits, loads.get(account.name, IDLE), need, need_out, alpha):
                 eligible.append(account)
+                if len(eligible) == limit:
+                    break
         return eligible
 
     def fits(
