@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import logging
 import math
+import multiprocessing
 import random
 import socket
 import statistics
@@ -24,6 +27,8 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +61,7 @@ MAX_OUTPUT_TOKENS = 64
 LATENCY = LatencySpec(base_ms=100.0, prefill_ms_per_1k_uncached=2.0, decode_ms_per_token=4.0)
 
 POLICIES = ("round_robin", "random", "affinity", "ideal")
-DEFAULT_POLICIES = ("round_robin", "affinity", "ideal")
+DEFAULT_POLICIES = POLICIES
 # The gateway's affinity mode per policy. The gateway has no random mode: "random" is
 # its "fixed" mode (the client key's rendezvous order, first account with headroom)
 # with a client key drawn at random per request from RANDOM_KEYS keys.
@@ -221,6 +226,8 @@ class Record:
     output_tokens: int = 0
     retries: int = 0
     error: str = ""
+    request_id: str = ""  # the gateway's x-request-id
+    decision: str = ""  # the gateway's routing decision, from its usage log
 
     @property
     def ok(self) -> bool:
@@ -236,6 +243,7 @@ class Row:
     cached_tokens: int
     upstream_429: int  # rate-limit answers from the emulator's accounts
     over_limit: int  # admissions past an account's limit, reconstructed from the records
+    routing_loss: int  # input tokens cached on another account than the one chosen
     peak_ratio: float  # busiest account's busiest minute / mean of the accounts' busiest
     p50_ms: float  # end-to-end
     p99_ms: float
@@ -248,6 +256,7 @@ class Row:
     seconds: float
     per_account: list[int] = field(default_factory=list)  # admitted requests per account
     decisions: Counter[str] = field(default_factory=Counter)  # the gateway's, by reason
+    loss_by_decision: Counter[str] = field(default_factory=Counter)  # routing loss, by reason
     ideal_hit_rate: float | None = None
 
     @property
@@ -268,6 +277,83 @@ def no_delay(server: AppServer | EmulatorServer) -> None:
     for listener in getattr(inner, "servers", ()):
         for sock in listener.sockets:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _serve_emulator(config: EmulatorConfig, conn: Connection) -> None:
+    """The child process: the emulator on uvicorn until the parent says stop."""
+    for name in ("uvicorn", "gateway"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    async def serve() -> None:
+        async with EmulatorServer(config) as server:
+            no_delay(server)
+            conn.send(server.url)
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+    try:
+        asyncio.run(serve())
+    finally:
+        conn.close()
+
+
+class EmulatorProcess:
+    """The provider emulator in a child process of its own, as a provider is remote.
+
+    The gateway and the client share this process's event loop; the emulator's CPU
+    time (prompt hashing, cache lookups) then neither delays the gateway nor counts as
+    gateway latency, and a 2-core machine uses both cores.
+    """
+
+    def __init__(self, config: EmulatorConfig, *, start_timeout: float = 60.0) -> None:
+        self.config = config
+        self.start_timeout = start_timeout
+        self.url = ""
+        self._conn: Connection | None = None
+        self._process: BaseProcess | None = None
+
+    async def __aenter__(self) -> EmulatorProcess:
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_serve_emulator, args=(self.config, child), name="emulator", daemon=True
+        )
+        process.start()
+        child.close()
+        self._conn, self._process = parent, process
+        loop = asyncio.get_running_loop()
+        try:
+            if not await loop.run_in_executor(None, parent.poll, self.start_timeout):
+                raise RuntimeError("the emulator process did not start")
+            self.url = parent.recv()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def stats(self) -> dict[str, Any]:
+        """The emulator's ``GET /stats``."""
+        async with aiohttp.ClientSession() as session, session.get(self.url + "/stats") as r:
+            r.raise_for_status()
+            data: dict[str, Any] = await r.json()
+            return data
+
+    async def stop(self) -> None:
+        conn, process = self._conn, self._process
+        self._conn = self._process = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+            conn.close()
+        if process is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, process.join, 10.0)
+            if process.is_alive():
+                process.terminate()
+                await loop.run_in_executor(None, process.join, 5.0)
+            process.close()
 
 
 def emulator_config(setup: Setup, accounts: int, limits: AccountLimits) -> EmulatorConfig:
@@ -344,6 +430,7 @@ async def send_all(
                 rec.done = clock() - started
                 rec.status = r.status
                 rec.account = r.headers.get("x-upstream-account", "")
+                rec.request_id = r.headers.get("x-request-id", "")
         if rec.status == 429 and not rec.account:
             return _retry_after(r.headers, retry_cap)  # saturated: no account had headroom
         if rec.status != 200:
@@ -427,6 +514,79 @@ def peak_ratio(records: Sequence[Record], time_scale: float, accounts: int) -> f
     return max(peaks) / mean if mean else 0.0
 
 
+async def attach_decisions(base_url: str, key: str, records: Sequence[Record]) -> None:
+    """Each record's routing decision, from the gateway's usage log (GET /v1/usage/logs).
+
+    Best effort: a gateway without the endpoint leaves the decisions empty.
+    """
+    by_id = {r.request_id: r for r in records if r.request_id}
+    headers = {"authorization": f"Bearer {key}"}
+    cursor: str | None = None
+    async with aiohttp.ClientSession() as session:
+        while by_id:
+            params = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
+            async with session.get(
+                base_url + "/v1/usage/logs", params=params, headers=headers
+            ) as r:
+                if r.status != 200:
+                    return
+                page = await r.json(loads=orjson.loads)
+            for entry in page.get("data", ()):
+                rec = by_id.pop(str(entry.get("request_id", "")), None)
+                if rec is not None:
+                    rec.decision = str(entry.get("decision", ""))
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+
+def routing_loss(
+    requests: Sequence[TraceRequest], records: Sequence[Record], time_scale: float
+) -> Counter[str]:
+    """Input tokens another account held in its cache when the request went elsewhere.
+
+    A model of the provider's caches, fed with what the client saw: each answered
+    request, in the order it was sent, refreshes its whole block chain on the account
+    that answered it (sliding TTL). For each request, the longest live prefix on any
+    account minus the one on the account chosen is what the routing decision gave up;
+    what no account held was lost to expiry or never cached, and no router can win it.
+    The loss is counted by the gateway's decision for the request ("" if unknown).
+    """
+    ttl = CACHE_TTL_SECONDS
+    caches: dict[str, dict[int, float]] = defaultdict(dict)
+    order = sorted((i for i, r in enumerate(records) if r.ok), key=lambda i: records[i].last)
+
+    def live(cache: dict[int, float], blocks: tuple[int, ...], now: float) -> int:
+        lo, hi, deepest = 0, len(blocks) - 1, -1
+        while lo <= hi:  # every request writes its whole chain: liveness is monotone
+            mid = (lo + hi) >> 1
+            if cache.get(blocks[mid], 0.0) > now:
+                deepest, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        return deepest + 1
+
+    lost: Counter[str] = Counter()
+    for i in order:
+        request, rec = requests[i], records[i]
+        now = rec.last * time_scale
+        blocks = request.blocks
+        depth = {name: live(cache, blocks, now) for name, cache in caches.items()}
+        best = max(depth.values(), default=0)
+        got = depth.get(rec.account, 0)
+
+        def tokens(n: int, request: TraceRequest = request) -> int:
+            cached = min(n * TRACE_BLOCK_TOKENS, request.input_tokens)
+            return cached if cached >= MIN_CACHE_TOKENS else 0
+
+        if best > got:
+            lost[rec.decision] += tokens(best) - tokens(got)
+        cache = caches[rec.account]
+        for block in blocks:
+            cache[block] = now + ttl
+    return lost
+
+
 def modelled_latency(rec: Record, time_scale: float) -> float:
     """The emulator's own latency for this answer, real seconds (no queueing or CPU)."""
     uncached = rec.prompt_tokens - rec.cached_tokens
@@ -459,8 +619,7 @@ async def run_policy(
     }
     keys = [f"sk-random-{i}" for i in range(RANDOM_KEYS)] if policy == "random" else [DEMO_KEY]
     t0 = time.monotonic()
-    async with EmulatorServer(emulator_config(setup, accounts, limits)) as emulator:
-        no_delay(emulator)
+    async with EmulatorProcess(emulator_config(setup, accounts, limits)) as emulator:
         config = emulated_config(
             emulator.url,
             accounts=accounts,
@@ -480,9 +639,12 @@ async def run_policy(
             records = await send_all(
                 gateway.url, requests, setup, texts=texts, keys=keys, on_progress=progress
             )
-        stats = emulator.app.stats()
+            if len(keys) == 1:
+                await attach_decisions(gateway.url, keys[0], records)
+        stats = await emulator.stats()
     seconds = time.monotonic() - t0
     per = stats["accounts"]
+    losses = routing_loss(requests, records, setup.time_scale)
     ok = [r for r in records if r.ok]
     e2e = [r.done - r.last for r in ok]
     added = [r.done - r.last - modelled_latency(r, setup.time_scale) for r in ok]
@@ -497,6 +659,8 @@ async def run_policy(
         cached_tokens=sum(a["cached_tokens"] for a in per.values()),
         upstream_429=sum(a["rate_limited"] for a in per.values()),
         over_limit=over_limit(records, limits, setup.time_scale),
+        routing_loss=sum(losses.values()),
+        loss_by_decision=losses,
         peak_ratio=peak_ratio(records, setup.time_scale, accounts),
         p50_ms=_percentile(e2e, 50) * 1000,
         p99_ms=_percentile(e2e, 99) * 1000,
@@ -537,6 +701,7 @@ HEADERS = [
     "policy",
     "hit rate",
     "÷ ideal",
+    "lost to routing",
     "429 upstream",
     "over limit",
     "peak/mean",
@@ -565,6 +730,7 @@ def table(rows: Sequence[Row]) -> str:
                 r.policy,
                 f"{r.hit_rate:.1%}",
                 ratio(r),
+                f"{r.routing_loss / r.prompt_tokens:.1%}" if r.prompt_tokens else "-",
                 r.upstream_429,
                 r.over_limit,
                 "-" if len(r.per_account) < 2 else f"{r.peak_ratio:.2f}",
@@ -584,23 +750,31 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def decisions(rows: Sequence[Row]) -> str:
-    """The gateway's routing decisions per policy, most frequent first."""
+    """The gateway's routing decisions per policy, most frequent first, and the share of
+    input tokens each kind of decision lost to routing."""
     lines = []
     for row in rows:
         if row.decisions:
             reasons = ", ".join(f"{k} {v}" for k, v in row.decisions.most_common())
-            lines.append(f"{row.policy}: {reasons}")
+            lines.append(f"{row.policy} decisions: {reasons}")
+        if row.loss_by_decision and row.prompt_tokens and any(row.loss_by_decision):
+            losses = ", ".join(
+                f"{k} {v / row.prompt_tokens:.1%}"
+                for k, v in row.loss_by_decision.most_common()
+                if v
+            )
+            lines.append(f"{row.policy} lost to routing, by decision: {losses}")
     return "\n".join(lines)
 
 
 def lateness_warning(rows: Sequence[Row], time_scale: float) -> str | None:
-    """A warning when the client fell far behind the trace (emulated seconds late)."""
+    """A warning when the client fell behind the trace by a quarter of the rate window."""
     worst = max((r.late_p99_ms for r in rows), default=0.0)
     emulated = worst / 1000 * time_scale
-    if emulated <= 5.0:
+    if emulated <= WINDOW_SECONDS / 4:
         return None
     return (
         f"warning: the client sent requests up to {worst:.0f} ms late (p99), "
-        f"{emulated:.0f} emulated seconds; the machine could not keep up with this time "
-        "scale, so load was burstier than the trace. Lower --time-scale."
+        f"{emulated:.0f} emulated seconds: the machine did not keep up with this time "
+        "scale, so load was burstier than the workload's. Lower --time-scale."
     )

@@ -78,7 +78,8 @@ def workload(
     out: list[TraceRequest] = []
 
     def arrivals(per_minute: float) -> list[float]:
-        at, times = 0.0, []
+        at = 0.0
+        times: list[float] = []
         while True:
             at += rng.expovariate(per_minute / 60.0)
             if at >= horizon:
