@@ -1,11 +1,12 @@
 """Shared machinery of the end-to-end benchmarks (bench.replay, bench.hot_prefix).
 
 A benchmark is a list of timed requests, each a chain of prompt blocks. For every policy
-it starts a fresh provider emulator (cold caches) and a fresh gateway in this process,
-sends the requests over real HTTP at their (time-compressed) timestamps, open loop, and
-reads the provider's side of the story from the emulator's ``GET /stats``. Everything
-the client saw (status, upstream account, usage, timings) is recorded per request, so
-per-account, per-minute load is reconstructed exactly from what was admitted.
+it starts a fresh provider emulator (cold caches; in a child process, as a provider is
+remote) and a fresh gateway (uvicorn in this process, like the demo), sends the
+requests over real HTTP at their (time-compressed) timestamps, open loop, and reads the
+provider's side of the story from the emulator's ``GET /stats``. Everything the client
+saw (status, upstream account, usage, timings, the gateway's request id) is recorded
+per request, so per-account, per-minute load is reconstructed from what was admitted.
 
 Time compression: request i is sent at ``at_i / time_scale`` real seconds. The
 emulator divides its TTLs, windows and latencies by ``time_scale`` itself; the gateway
@@ -79,8 +80,7 @@ MAX_RETRIES = 6
 class TraceRequest:
     """One request: when (emulated seconds from the start) and its chain of blocks.
 
-    ``blocks`` are 512-token block ids in prompt order (the last may be partial);
-    ``namespace`` keeps blocks of unrelated workloads apart.
+    ``blocks`` are 512-token block ids in prompt order (the last may be partial).
     """
 
     at: float
