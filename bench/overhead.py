@@ -8,6 +8,8 @@ same request sequence every time:
                     by tenant: ideal static affinity, so the baseline is never a cache miss
                     the gateway would have avoided)
     nginx           one bare reverse-proxy hop (bench/peers/nginx.conf): the physical floor
+    asgi-floor      uvicorn + one aiohttp session, no middleware (bench/peers/asgi_floor.py):
+                    the floor of the gateway's own stack
     gateway         `affinity-gateway serve`, embedded state, one worker
     gateway+redis   the same with `state.redis_url` on a redis-server of its own
     litellm         the LiteLLM proxy (bench/peers/litellm.yaml) in a separate virtualenv
@@ -52,7 +54,7 @@ from gateway.workload import multi_tenant
 
 PEERS = Path(__file__).parent / "peers"
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("direct", "nginx", "gateway", "gateway+redis", "litellm")
+ROWS = ("direct", "nginx", "asgi-floor", "gateway", "gateway+redis", "litellm")
 HOST = "127.0.0.1"
 
 # The emulated provider: small fixed latency so that a proxy's own cost shows.
@@ -369,6 +371,22 @@ def start_nginx(workdir: Path, emulator_url: str, accounts: int) -> Hop:
     return Hop(url, _direct_key(accounts), [service], service)
 
 
+def start_asgi_floor(workdir: Path, emulator_url: str, accounts: int) -> Hop:
+    port = free_port()
+    service = Service(
+        "asgi-floor",
+        [
+            *(sys.executable, str(PEERS / "asgi_floor.py"), "--upstream", emulator_url),
+            *("--host", HOST, "--port", str(port)),
+        ],
+        workdir=workdir,
+        ready=lambda: _tcp_open(port),
+        cwd=ROOT,
+    )
+    service.start()
+    return Hop(f"http://{HOST}:{port}", _direct_key(accounts), [service], service)
+
+
 def redis_state_available() -> str | None:
     """Why the gateway cannot run on Redis here, or None."""
     if importlib.util.find_spec("affinity.redis_state") is None:
@@ -646,6 +664,8 @@ def start_hop(row: str, workdir: Path, emulator_url: str, opts: Options) -> Hop:
         return Hop(emulator_url, _direct_key(opts.accounts))
     if row == "nginx":
         return start_nginx(workdir, emulator_url, opts.accounts)
+    if row == "asgi-floor":
+        return start_asgi_floor(workdir, emulator_url, opts.accounts)
     if row in ("gateway", "gateway+redis"):
         return start_gateway(workdir, emulator_url, opts.accounts, redis=row == "gateway+redis")
     if row == "litellm":

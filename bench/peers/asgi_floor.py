@@ -1,0 +1,91 @@
+"""The floor of the gateway's own stack: uvicorn (uvloop, httptools) and one pooled aiohttp
+session forwarding each request to the provider, with no middleware at all.
+
+The client picks the account key; this proxy passes the request through and streams
+every response chunk back as it arrives, as the gateway's upstream app does. Whatever
+the gateway costs beyond this row is its own work: auth, parsing, fingerprinting,
+routing state, metering.
+
+    python bench/peers/asgi_floor.py --upstream http://127.0.0.1:9100 --port 8090
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import aiohttp
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+_FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
+
+
+class Passthrough:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        assert self.session is not None
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k in _FORWARD]
+        url = self.upstream + scope["path"]
+        async with self.session.post(url, data=b"".join(chunks), headers=headers) as resp:
+            ctype = resp.headers.get("content-type", "application/json").encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": resp.status,
+                    "headers": [(b"content-type", ctype)],
+                }
+            )
+            async for chunk in resp.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                    auto_decompress=False,
+                    skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                )
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.session is not None:
+                    await self.session.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(
+        Passthrough(args.upstream),
+        host=args.host,
+        port=args.port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()
