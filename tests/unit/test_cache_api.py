@@ -38,7 +38,9 @@ def test_seal_and_open() -> None:
 
 
 @pytest.mark.parametrize(
-    "aad", [bind("tenant", "other-key"), bind("other-tenant", "key"), bind("tenantkey")]
+    "aad",
+    [bind("tenant", "other-key"), bind("other-tenant", "key"), bind("tenantkey")],
+    ids=["other-key", "other-tenant", "parts-joined"],
 )
 def test_a_moved_ciphertext_does_not_decrypt(aad: bytes) -> None:
     ring = KeyRing([("k1", KEY_A)])
