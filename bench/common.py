@@ -464,16 +464,20 @@ async def send_all(
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         started = clock()
-        tasks: list[asyncio.Task[None]] = []
+        # Only the requests in flight are held, so finished ones can be freed.
+        pending: set[asyncio.Task[None]] = set()
         for index, (request, rec) in enumerate(zip(requests, records, strict=True)):
             delay = rec.due - (clock() - started)
             if delay > 0:
                 await asyncio.sleep(delay)
             headers = key_headers[draw.randrange(len(key_headers))]
-            tasks.append(asyncio.create_task(one(session, request, headers, rec)))
+            task = asyncio.create_task(one(session, request, headers, rec))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
             if on_progress is not None and index and index % 1000 == 0:
                 on_progress(index)
-        await asyncio.gather(*tasks)
+        while pending:  # a request that failed unexpectedly keeps status 0: an error
+            await asyncio.gather(*pending, return_exceptions=True)
     return records
 
 
