@@ -1,6 +1,7 @@
 """The composition root: builds the middleware chain once and dispatches by path.
 
-    client ─► errors ─► metering ─► auth ─► groups ─► prefix ─► pinning ─► failover ─► upstream
+    client ─► errors ─► metering ─► auth ─► groups ─► response_cache ─► prefix ─► pinning
+           ─► failover ─► upstream
 
 The order is written once, below, as a list folded in reverse. Configuration tunes the
 layers; it never reorders them. Shared resources (the aiohttp session, the affinity
@@ -28,8 +29,20 @@ from affinity.router import AffinityRouter
 from affinity.select import Selector
 from affinity.state import AffinityState
 from gateway.body import parse_json_object, read_body
+from gateway.cache_api import PREFIX as CACHE_API_PREFIX
+from gateway.cache_api import CacheAPI
+from gateway.cachestore import (
+    BlobStore,
+    CacheCounters,
+    KVStore,
+    MemoryBlobs,
+    MemoryKV,
+    RedisBlobs,
+    RedisKV,
+)
 from gateway.config import PROVIDER_ENDPOINTS, Config, ConfigError, load_config
 from gateway.context import Endpoint, Principal, RequestContext
+from gateway.crypto import KeyRing
 from gateway.drain import Drain
 from gateway.errors import (
     BadRequest,
@@ -57,6 +70,7 @@ from middleware.groups import GroupsMiddleware
 from middleware.metering import MeteringMiddleware
 from middleware.pinning import PinningMiddleware
 from middleware.prefix import PrefixMiddleware
+from middleware.response_cache import CachePolicy, ResponseCacheMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +142,11 @@ class Gateway:
         self.owners = self._owners(config)
         self.tokens = Tokens(config.server.secret, _principals(config), self._token_store(config))
         self.health = Health(config.pools)  # replaced by _apply; keeps states across reloads
+        # Platform cache: stores and counters live as long as the process; an embedded
+        # store without configured keys seals with a key that dies with it.
+        self.cache_counters = CacheCounters()
+        self.response_store, self.kv_store = self._cache_stores(config)
+        self._ephemeral_keys = KeyRing.ephemeral()
         self._apply(config)
         self.metrics.add_collector(self._collect)
 
@@ -154,6 +173,34 @@ class Gateway:
         self.router.selector = Selector(
             alpha=config.affinity.alpha, min_tokens=config.affinity.min_tokens
         )
+        keys = config.key_ring()
+        if keys is None and not config.state.redis_url:
+            keys = self._ephemeral_keys
+        pc = config.platform_cache
+        cache_policies = {
+            name: CachePolicy(
+                ttl_seconds=rc.ttl_seconds,
+                shared=rc.shared,
+                price_share=rc.price_share,
+                cache_nondeterministic=rc.cache_nondeterministic,
+                max_entry_bytes=rc.max_entry_bytes,
+                max_ttl_seconds=rc.max_ttl_seconds,
+            )
+            for name, g in config.groups.items()
+            if (rc := g.response_cache).enabled
+        }
+        cache_api = CacheAPI(
+            store=self.kv_store,
+            keys=keys if pc.api_enabled else None,
+            quota_bytes=pc.quota_bytes,
+            default_ttl=pc.default_ttl_seconds,
+            max_ttl=pc.max_ttl_seconds,
+            max_value_bytes=pc.max_value_bytes,
+            counters=self.cache_counters,
+            disabled_reason="the cache API is off"
+            if not pc.api_enabled
+            else "the cache API needs platform_cache.encryption_keys when state is in Redis",
+        )
 
         chain: list[Callable[[ASGIApp], ASGIApp]] = [
             lambda app: ErrorsMiddleware(app, drain=self.drain),
@@ -173,6 +220,14 @@ class Gateway:
                 user_groups=config.user_groups,
                 pool_endpoints=pool_endpoints,
                 max_body_bytes=config.server.max_body_bytes,
+            ),
+            lambda app: ResponseCacheMiddleware(
+                app,
+                policies=cache_policies,
+                store=self.response_store,
+                keys=keys,
+                secret=config.server.secret.encode(),
+                counters=self.cache_counters,
             ),
             lambda app: PrefixMiddleware(
                 app, min_tokens=config.min_tokens, max_messages=config.server.max_messages
@@ -207,6 +262,7 @@ class Gateway:
         # The switch: plain attribute stores, no await in between.
         self.config, self.accounts, self.health = config, accounts, health
         self.proxy, self.api, self._allowed_models = app, api, allowed_models
+        self.cache_api = cache_api
 
     def reload(self, config: Config) -> None:
         """Switch to a new configuration; raises ConfigError (and keeps the old one) when
@@ -268,6 +324,16 @@ class Gateway:
         if st.redis_url:
             return RedisTokenStore(st.redis_url, prefix=st.key_prefix)
         return MemoryTokenStore()
+
+    @staticmethod
+    def _cache_stores(config: Config) -> tuple[BlobStore, KVStore]:
+        st, pc = config.state, config.platform_cache
+        if st.redis_url:
+            return (
+                RedisBlobs(st.redis_url, prefix=st.key_prefix),
+                RedisKV(st.redis_url, prefix=st.key_prefix),
+            )
+        return MemoryBlobs(max_bytes=pc.memory_max_bytes), MemoryKV(max_bytes=pc.memory_max_bytes)
 
     @staticmethod
     def _usage_log(config: Config) -> UsageLog:
@@ -340,6 +406,22 @@ class Gateway:
         draining = GaugeMetricFamily("gateway_draining", "1 while the gateway drains for shutdown.")
         draining.add_metric([], 1.0 if self.drain.draining else 0.0)
         yield draining
+        counters = self.cache_counters
+        decrypt = CounterMetricFamily(
+            "gateway_platform_cache_decrypt_failures",
+            "Stored platform-cache values that did not decrypt (tampered, moved to another"
+            " key or tenant, or sealed by a key no longer configured); served as misses.",
+            labels=["cache"],
+        )
+        decrypt.add_metric(["api"], float(counters.api_decrypt_failures))
+        decrypt.add_metric(["response"], float(counters.response_decrypt_failures))
+        yield decrypt
+        store_errors = CounterMetricFamily(
+            "gateway_platform_cache_store_errors",
+            "Platform-cache storage calls that failed (response cache: served as misses).",
+        )
+        store_errors.add_metric([], float(counters.store_errors))
+        yield store_errors
 
     @staticmethod
     def _models_by_principal(
@@ -449,6 +531,9 @@ class Gateway:
                 raise Forbidden("admin routes need an admin key")
             status, body = await self._admin(scope, receive, method, path)
             await _respond(send, status, body)
+            return
+        if path == CACHE_API_PREFIX or path.startswith(CACHE_API_PREFIX + "/"):
+            await self.cache_api.handle(scope, receive, send, ctx.principal.token)
             return
         if path.startswith(_RESPONSE_PREFIX) and method in ("GET", "DELETE"):
             status, body = await self._stored_response(scope, ctx.principal, method)
@@ -620,6 +705,8 @@ class Gateway:
         await self.upstream.start()
         await self.usage_log.start()
         await self.tokens.start()
+        await self.response_store.start()
+        await self.kv_store.start()
         if self.config_path is not None and threading.current_thread() is threading.main_thread():
             # SIGHUP re-reads the configuration; a bad one is logged and ignored.
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_from_file)
@@ -637,6 +724,8 @@ class Gateway:
         await self.usage_log.aclose()  # flushes what is buffered
         await self.owners.aclose()
         await self.tokens.aclose()
+        await self.response_store.aclose()
+        await self.kv_store.aclose()
         await self.state.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.crypto import KeyRing
+
 Provider = Literal["openai", "anthropic", "deepseek", "gemini-openai"]
 AffinityMode = Literal["prefix", "session", "fixed", "off"]
 
@@ -85,11 +87,24 @@ class AccountConfig(_Strict):
     weight: Annotated[float, Field(gt=0)] = 1.0
 
 
+class ResponseCacheConfig(_Strict):
+    """The platform response cache of one group (off unless enabled)."""
+
+    enabled: bool = False
+    ttl_seconds: Seconds = 3600.0
+    shared: bool = False  # answers shared by the group's tokens; default: per token
+    price_share: Annotated[float, Field(ge=0, le=1)] = 0.1  # of the normal price, per hit
+    cache_nondeterministic: bool = False  # also cache sampled answers (temperature > 0, ...)
+    max_entry_bytes: PositiveInt = 1 << 20  # larger answers are not stored
+    max_ttl_seconds: Seconds = 7 * 86400.0  # the most an `x-cache-ttl` header may ask for
+
+
 class GroupConfig(_Strict):
     models: dict[str, str]  # model -> pool
     multiplier: Annotated[float, Field(ge=0)] = 1.0
     fallback_groups: tuple[str, ...] = ()
     affinity: AffinityMode = "prefix"
+    response_cache: ResponseCacheConfig = ResponseCacheConfig()
 
 
 class UserGroupConfig(_Strict):
@@ -141,6 +156,25 @@ class FailoverConfig(_Strict):
     max_ejected_share: Annotated[float, Field(ge=0, le=1)] = 0.5  # of a pool; one always stays
 
 
+class EncryptionKey(_Strict):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    key: Annotated[str, Field(min_length=1, repr=False)]  # base64 of 32 bytes: ${ENV_VAR}
+
+
+class PlatformCacheConfig(_Strict):
+    """The Cache API and the storage of both platform caches."""
+
+    # AES-256-GCM keys; the first encrypts, all decrypt. Empty: a random per-process key,
+    # which only embedded state can use (with Redis, the Cache API is then off).
+    encryption_keys: tuple[EncryptionKey, ...] = ()
+    api_enabled: bool = True
+    quota_bytes: PositiveInt = 100 * 1024 * 1024  # per token
+    default_ttl_seconds: Seconds = 7 * 86400.0
+    max_ttl_seconds: Seconds = 365 * 86400.0
+    max_value_bytes: PositiveInt = 1 << 20
+    memory_max_bytes: PositiveInt = 256 << 20  # embedded state: per cache, LRU beyond it
+
+
 class Config(_Strict):
     server: Server
     state: State = State()
@@ -152,6 +186,7 @@ class Config(_Strict):
     pricing: dict[str, PriceConfig] = {}
     affinity: AffinityConfig = AffinityConfig()
     failover: FailoverConfig = FailoverConfig()
+    platform_cache: PlatformCacheConfig = PlatformCacheConfig()
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -189,7 +224,25 @@ class Config(_Strict):
                     raise ValueError(f"{where}.fallback_groups: unknown group {fb!r}")
             if self.user_groups and tok.user_group not in self.user_groups:
                 raise ValueError(f"{where}.user_group: unknown user group {tok.user_group!r}")
+        keys = self.platform_cache.encryption_keys
+        if keys:
+            try:
+                KeyRing.from_base64([(k.id, k.key) for k in keys])
+            except ValueError as exc:  # names the key id, never the key
+                raise ValueError(f"platform_cache.encryption_keys: {exc}") from None
+        elif self.state.redis_url:
+            for gname, group in self.groups.items():
+                if group.response_cache.enabled:
+                    raise ValueError(
+                        f"groups.{gname}.response_cache: with state.redis_url set, "
+                        "platform_cache.encryption_keys are required"
+                    )
         return self
+
+    def key_ring(self) -> KeyRing | None:
+        """The configured platform-cache keys, or None when there are none."""
+        keys = self.platform_cache.encryption_keys
+        return KeyRing.from_base64([(k.id, k.key) for k in keys]) if keys else None
 
     def min_tokens(self, model: str) -> int:
         return self.affinity.min_tokens_by_model.get(model, self.affinity.min_tokens)

@@ -64,6 +64,15 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheHit:
+    """An answer served by the platform response cache: no upstream call was made."""
+
+    group: str  # the group whose cache policy served it
+    provider: str  # the provider that produced the stored answer (its usage format)
+    price_share: float  # of the normal price, charged for it
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """One upstream attempt, as the failover middleware saw it."""
 
@@ -87,6 +96,8 @@ class RequestContext:
     model: str = ""  # groups
     stream: bool = False  # groups
     plan: tuple[Route, ...] = ()  # groups: token group, then fallback groups
+    cache_status: str = ""  # response_cache: HIT | MISS | BYPASS; "" when the group has none
+    cache_hit: CacheHit | None = None  # response_cache: set on a HIT
     # Top-level body fields to set before forwarding; one writer per key (metering:
     # stream_options, pinning: prompt_cache_key). Empty = forward the raw bytes.
     body_patch: dict[str, Any] = field(default_factory=dict)

@@ -110,6 +110,19 @@ class Metrics:
             ["group", "model"],
             registry=r,
         )
+        self.platform_cache_hits = Counter(
+            "gateway_platform_cache_hits",
+            "Answers served by the platform response cache, with no upstream call (provider"
+            " prompt-cache reads are gateway_cached_tokens).",
+            ["group", "model"],
+            registry=r,
+        )
+        self.platform_cache_requests = Counter(
+            "gateway_platform_cache_requests",
+            "Requests of groups with a response cache, by cache status (hit, miss, bypass).",
+            ["group", "model", "status"],
+            registry=r,
+        )
 
     def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Register gauges read at scrape time (pin index size, windows, Redis state)."""

@@ -18,6 +18,8 @@ class _Sums:
     completion_tokens: int = 0
     cost: float = 0.0
     savings: float = 0.0
+    platform_cache_hits: int = 0  # answered by the platform response cache
+    platform_prompt_tokens: int = 0  # their prompts: no provider cache was asked
 
     def add(self, r: UsageRecord) -> None:
         self.requests += 1
@@ -27,8 +29,12 @@ class _Sums:
         self.completion_tokens += r.completion_tokens
         self.cost += r.cost
         self.savings += r.cache_discount
+        if r.decision == "platform_cache":
+            self.platform_cache_hits += 1
+            self.platform_prompt_tokens += r.prompt_tokens
 
     def view(self) -> dict[str, Any]:
+        provider_prompt = self.prompt_tokens - self.platform_prompt_tokens
         return {
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
@@ -36,9 +42,8 @@ class _Sums:
             "uncached_tokens": self.prompt_tokens - self.cached_tokens,
             "cache_write_tokens": self.cache_write_tokens,
             "completion_tokens": self.completion_tokens,
-            "hit_ratio": round(self.cached_tokens / self.prompt_tokens, 4)
-            if self.prompt_tokens
-            else 0.0,
+            "hit_ratio": round(self.cached_tokens / provider_prompt, 4) if provider_prompt else 0.0,
+            "platform_cache_hits": self.platform_cache_hits,
             "cost_usd": round(self.cost, 6),
             "cost_without_cache_usd": round(self.cost + self.savings, 6),
             "savings_usd": round(self.savings, 6),

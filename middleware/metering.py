@@ -1,5 +1,5 @@
-"""Meter every proxied request. Reads what the upstream sends back, ctx.route, ctx.account;
-writes ctx.usage and ctx.cost.
+"""Meter every proxied request. Reads what the upstream sends back, ctx.route, ctx.account,
+ctx.cache_status and ctx.cache_hit; writes ctx.usage and ctx.cost.
 
 Usage is read from the response as it passes, never by buffering a stream: JSON
 bodies get `usage.cost` / `usage.cache_discount` and `X-Upstream-Cache-Read` /
@@ -7,7 +7,10 @@ bodies get `usage.cost` / `usage.cache_discount` and `X-Upstream-Cache-Read` /
 OpenAI chat stream the upstream app asks the provider for its usage chunk
 (`stream_usage_patch`); when the caller did not ask for it, that chunk is removed
 from the caller's stream and nothing else changes. A stream cut before its usage is
-recorded as estimated, never as zero. Metering never fails a request.
+recorded as estimated, never as zero. An answer replayed by the platform response cache
+(ctx.cache_hit) is read like the provider's it was, used no provider cache, and costs the
+group's `price_share` of the no-cache price; it is counted and logged apart
+(`decision="platform_cache"`). Metering never fails a request.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -58,6 +62,17 @@ def _created_id(data: bytes) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
+def _platform_hit(usage: Usage) -> Usage:
+    """A platform-cache hit read no provider cache: every prompt token is uncached."""
+    return replace(
+        usage,
+        cached_tokens=0,
+        cache_write_tokens=0,
+        cache_write_5m_tokens=0,
+        cache_write_1h_tokens=0,
+    )
+
+
 def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
@@ -95,6 +110,7 @@ class MeteringMiddleware:
         parser: SSEParser | None = None
         drop_usage_chunk = False
         streamed = 0
+        provider: str | None = None  # whose usage format the answer is in
         # A stored Responses-API answer: remember which account holds it.
         remember = (
             self.owners is not None
@@ -103,25 +119,34 @@ class MeteringMiddleware:
         )
 
         def price(usage: Usage) -> dict[str, Any]:
-            route = ctx.route
+            route = ctx.route if ctx.route is not None else (ctx.plan[0] if ctx.plan else None)
             p = self.prices.get(ctx.model, _FREE)
             c = cost(usage, p, route.multiplier if route else 1.0)
-            ctx.cost = c.cost
-            ctx.cache_discount = c.cache_discount
-            return {"cost": round(c.cost, 8), "cache_discount": round(c.cache_discount, 8)}
+            hit = ctx.cache_hit
+            if hit is None:
+                ctx.cost = c.cost
+                ctx.cache_discount = c.cache_discount
+            else:
+                ctx.cost = c.full_price * hit.price_share
+                ctx.cache_discount = c.full_price - ctx.cost
+            return {"cost": round(ctx.cost, 8), "cache_discount": round(ctx.cache_discount, 8)}
 
         async def send_metering(message: Message) -> None:
-            nonlocal status, held, stream, parser, streamed, drop_usage_chunk
+            nonlocal status, held, stream, parser, streamed, drop_usage_chunk, provider
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.get("headers", ())
                 sse = any(
                     k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
                 )
-                if status >= 300 or kind is None or ctx.account is None:
+                if ctx.account is not None:
+                    provider = ctx.account.provider
+                elif ctx.cache_hit is not None:
+                    provider = ctx.cache_hit.provider
+                if status >= 300 or kind is None or provider is None:
                     await send(message)
                 elif sse:
-                    stream = StreamUsage(ctx.account.provider, kind)  # type: ignore[arg-type]
+                    stream = StreamUsage(provider, kind)  # type: ignore[arg-type]
                     parser = SSEParser()
                     # The upstream app asked for usage the caller did not ask for: hide it.
                     drop_usage_chunk = kind == "chat" and stream_usage_patch(ctx.body) is not None
@@ -133,7 +158,10 @@ class MeteringMiddleware:
                 body_parts.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                start, body, response_id = self._priced_json(ctx, held, b"".join(body_parts), price)
+                assert provider is not None
+                start, body, response_id = self._priced_json(
+                    ctx, provider, held, b"".join(body_parts), price
+                )
                 if remember and response_id:
                     await self._remember(response_id, ctx)
                 held = None
@@ -158,6 +186,8 @@ class MeteringMiddleware:
                 if usage is None:
                     out.append(event.raw)
                     continue
+                if ctx.cache_hit is not None:
+                    usage = _platform_hit(usage)
                 ctx.usage = usage
                 fields = price(usage)
                 if drop_usage_chunk and stream.is_usage_only_chunk(event):
@@ -181,7 +211,8 @@ class MeteringMiddleware:
             self._count(ctx, status)
             # Only requests that reached an upstream route are usage: a request refused
             # before (bad key, budget, unknown model, saturation) is counted, not logged.
-            if ctx.principal is not None and ctx.endpoint is not None and ctx.route is not None:
+            served = ctx.route is not None or ctx.cache_hit is not None
+            if ctx.principal is not None and ctx.endpoint is not None and served:
                 self.usage_log.append(self._record(ctx, status))
                 if self.tokens is not None and ctx.cost:
                     await self.tokens.spent(ctx.principal.token, ctx.cost)
@@ -191,11 +222,15 @@ class MeteringMiddleware:
 
     @staticmethod
     def _priced_json(
-        ctx: RequestContext, start: Message, body: bytes, price: Callable[[Usage], dict[str, Any]]
+        ctx: RequestContext,
+        provider: str,
+        start: Message,
+        body: bytes,
+        price: Callable[[Usage], dict[str, Any]],
     ) -> tuple[Message, bytes, str | None]:
         """The start and body of a JSON answer with its usage priced (one parse, one dump),
         and the answer's id."""
-        assert ctx.account is not None and ctx.endpoint is not None
+        assert ctx.endpoint is not None
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -204,9 +239,11 @@ class MeteringMiddleware:
             return start, body, None
         answer_id = doc.get("id") if isinstance(doc.get("id"), str) else None
         kind = _USAGE_KIND[ctx.endpoint]
-        usage = usage_from_body(ctx.account.provider, kind, doc)  # type: ignore[arg-type]
+        usage = usage_from_body(provider, kind, doc)  # type: ignore[arg-type]
         if usage is None:
             return start, body, answer_id
+        if ctx.cache_hit is not None:
+            usage = _platform_hit(usage)
         ctx.usage = usage
         body = add_usage_fields(doc, price(usage))
         headers = [(k, v) for k, v in start.get("headers", ()) if k != b"content-length"]
@@ -226,12 +263,13 @@ class MeteringMiddleware:
         assert ctx.principal is not None and ctx.endpoint is not None
         usage = ctx.usage or Usage()
         now = time.perf_counter()
+        hit = ctx.cache_hit
         return UsageRecord(
             time=time.time(),
             request_id=ctx.request_id,
             token=ctx.principal.token,
             user=ctx.principal.user,
-            group=ctx.route.group if ctx.route else "",
+            group=ctx.route.group if ctx.route else (hit.group if hit else ""),
             model=ctx.model,
             endpoint=ctx.endpoint.value,
             account=ctx.account.name if ctx.account else "",
@@ -246,7 +284,7 @@ class MeteringMiddleware:
             estimated=usage.estimated,
             latency_ms=round((now - ctx.started) * 1000, 3),
             ttfb_ms=round((ctx.first_byte - ctx.started) * 1000, 3) if ctx.first_byte else None,
-            decision=ctx.decision,
+            decision="platform_cache" if hit is not None else ctx.decision,
             attempts=len(ctx.attempts),
         )
 
@@ -262,14 +300,20 @@ class MeteringMiddleware:
         m.request_seconds.labels(endpoint, group).observe(now - ctx.started)
         if ctx.first_byte is not None:
             m.ttfb_seconds.labels(endpoint, group).observe(ctx.first_byte - ctx.started)
+        if ctx.cache_status:
+            # The platform cache, apart from provider prompt-cache reads (cached_tokens).
+            m.platform_cache_requests.labels(group, model, ctx.cache_status.lower()).inc()
+            if ctx.cache_hit is not None:
+                m.platform_cache_hits.labels(group, model).inc()
         usage = ctx.usage
-        if usage is None or ctx.account is None:
+        if usage is None or (ctx.account is None and ctx.cache_hit is None):
             return
-        account = ctx.account.name
-        m.prompt_tokens.labels(group, model, account).inc(usage.prompt_tokens)
-        m.cached_tokens.labels(group, model, account).inc(usage.cached_tokens)
-        m.cache_write_tokens.labels(group, model, account).inc(usage.cache_write_tokens)
-        m.completion_tokens.labels(group, model, account).inc(usage.completion_tokens)
+        if ctx.account is not None:  # provider tokens: a platform-cache hit has none
+            account = ctx.account.name
+            m.prompt_tokens.labels(group, model, account).inc(usage.prompt_tokens)
+            m.cached_tokens.labels(group, model, account).inc(usage.cached_tokens)
+            m.cache_write_tokens.labels(group, model, account).inc(usage.cache_write_tokens)
+            m.completion_tokens.labels(group, model, account).inc(usage.completion_tokens)
         if usage.estimated:
             m.usage_estimated.labels(group, model).inc()
         if ctx.cost is not None:
