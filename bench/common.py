@@ -24,23 +24,28 @@ import multiprocessing
 import random
 import socket
 import statistics
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
-from gateway.app import create_app
-from gateway.emulator import AccountSpec, EmulatorConfig, EmulatorServer, LatencySpec
-from gateway.presets import DEMO_KEY, emulated_config
-from gateway.serving import AppServer
 from gateway.table import render
+
+if TYPE_CHECKING:
+    from gateway.emulator import EmulatorConfig, EmulatorServer
+    from gateway.serving import AppServer
+
+# The gateway and the emulator are imported where they run, so that the client's and
+# the emulator's processes start without loading the whole gateway.
 
 TRACES = Path(__file__).parent / "traces"
 MOONCAKE_TRACE = TRACES / "mooncake_conversation_trace.jsonl"
@@ -58,8 +63,11 @@ MIN_CACHE_TOKENS = 1024
 CACHE_BLOCK_TOKENS = 128
 # Output does not touch input caching, so it is capped to keep runs short.
 MAX_OUTPUT_TOKENS = 64
-# Emulated latency: small, so that in-flight counts stay low at high time scales.
-LATENCY = LatencySpec(base_ms=100.0, prefill_ms_per_1k_uncached=2.0, decode_ms_per_token=4.0)
+# Emulated latency (ms): small, so that in-flight counts stay low at high time scales.
+LATENCY_BASE_MS = 100.0
+LATENCY_PREFILL_MS_PER_1K_UNCACHED = 2.0
+LATENCY_DECODE_MS_PER_TOKEN = 4.0
+DEMO_KEY = "sk-demo"  # gateway.presets.DEMO_KEY, the key emulated_config accepts
 
 POLICIES = ("round_robin", "random", "affinity", "ideal")
 DEFAULT_POLICIES = POLICIES
@@ -281,6 +289,8 @@ def no_delay(server: AppServer | EmulatorServer) -> None:
 
 def _serve_emulator(config: EmulatorConfig, conn: Connection) -> None:
     """The child process: the emulator on uvicorn until the parent says stop."""
+    from gateway.emulator import EmulatorServer
+
     for name in ("uvicorn", "gateway"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -312,6 +322,12 @@ class EmulatorProcess:
         self._process: BaseProcess | None = None
 
     async def __aenter__(self) -> EmulatorProcess:
+        if not self.url:
+            await self.start()
+        return self
+
+    async def start(self) -> None:
+        """Start the process and wait for its URL (``async with`` does it if needed)."""
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         process = context.Process(
@@ -328,7 +344,6 @@ class EmulatorProcess:
         except BaseException:
             await self.stop()
             raise
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
@@ -343,6 +358,7 @@ class EmulatorProcess:
     async def stop(self) -> None:
         conn, process = self._conn, self._process
         self._conn = self._process = None
+        self.url = ""
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.send("stop")
@@ -357,6 +373,8 @@ class EmulatorProcess:
 
 
 def emulator_config(setup: Setup, accounts: int, limits: AccountLimits) -> EmulatorConfig:
+    from gateway.emulator import AccountSpec, EmulatorConfig, LatencySpec
+
     return EmulatorConfig(
         accounts=[
             AccountSpec(name=f"acct-{i}", key=f"sk-emu-{i}", rpm=limits.rpm, itpm=limits.itpm)
@@ -368,7 +386,11 @@ def emulator_config(setup: Setup, accounts: int, limits: AccountLimits) -> Emula
         min_cache_tokens=MIN_CACHE_TOKENS,
         cache_block_tokens=CACHE_BLOCK_TOKENS,
         max_output_tokens=max(setup.max_output, 1),
-        latency=LATENCY,
+        latency=LatencySpec(
+            base_ms=LATENCY_BASE_MS,
+            prefill_ms_per_1k_uncached=LATENCY_PREFILL_MS_PER_1K_UNCACHED,
+            decode_ms_per_token=LATENCY_DECODE_MS_PER_TOKEN,
+        ),
     )
 
 
@@ -595,22 +617,59 @@ def modelled_latency(rec: Record, time_scale: float) -> float:
     """The emulator's own latency for this answer, real seconds (no queueing or CPU)."""
     uncached = rec.prompt_tokens - rec.cached_tokens
     ms = (
-        LATENCY.base_ms
-        + LATENCY.prefill_ms_per_1k_uncached * uncached / 1000
-        + LATENCY.decode_ms_per_token * rec.output_tokens
+        LATENCY_BASE_MS
+        + LATENCY_PREFILL_MS_PER_1K_UNCACHED * uncached / 1000
+        + LATENCY_DECODE_MS_PER_TOKEN * rec.output_tokens
     )
     return ms / 1000 / time_scale
+
+
+def _client_main(
+    url: str,
+    requests: Sequence[TraceRequest],
+    setup: Setup,
+    keys: Sequence[str],
+    label: str | None,
+) -> list[Record]:
+    """The client process: the whole workload against the gateway at ``url``."""
+    started = time.monotonic()
+
+    def progress(i: int) -> None:
+        elapsed = time.monotonic() - started
+        print(f"  {label}: {i}/{len(requests)} sent, {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    on_progress = progress if label is not None else None
+    return asyncio.run(send_all(url, requests, setup, keys=keys, on_progress=on_progress))
+
+
+def policy_emulator(policy: str, setup: Setup) -> EmulatorProcess:
+    """The (not yet started) emulator for one policy: the pool, or ideal's one account."""
+    if policy == "ideal":
+        return EmulatorProcess(emulator_config(setup, 1, setup.limits.times(setup.accounts)))
+    return EmulatorProcess(emulator_config(setup, setup.accounts, setup.limits))
 
 
 async def run_policy(
     policy: str,
     requests: Sequence[TraceRequest],
     setup: Setup,
+    client: ProcessPoolExecutor,
+    emulator: EmulatorProcess,
     *,
-    texts: BlockText | None = None,
-    log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> Row:
-    """A fresh emulator and gateway for one policy; the requests replayed through them."""
+    """One policy: a fresh gateway in front of ``emulator`` (started, cold), the requests
+    replayed through them by the ``client`` worker; the emulator is stopped after.
+
+    Three processes: the emulator, the gateway (this one, on uvicorn, like the demo)
+    and the client, so that neither the client's work nor the emulator's counts as the
+    gateway's latency, and a pause in the gateway (a garbage collection, say) shows as
+    its latency rather than as a client that sent late.
+    """
+    from gateway.app import create_app
+    from gateway.presets import emulated_config
+    from gateway.serving import AppServer
+
     if policy not in AFFINITY_MODE:
         raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     accounts = 1 if policy == "ideal" else setup.accounts
@@ -623,7 +682,7 @@ async def run_policy(
     }
     keys = [f"sk-random-{i}" for i in range(RANDOM_KEYS)] if policy == "random" else [DEMO_KEY]
     t0 = time.monotonic()
-    async with EmulatorProcess(emulator_config(setup, accounts, limits)) as emulator:
+    async with emulator:
         config = emulated_config(
             emulator.url,
             accounts=accounts,
@@ -635,13 +694,14 @@ async def run_policy(
         app = create_app(config)
         async with AppServer(app) as gateway:
             no_delay(gateway)
-
-            def progress(i: int) -> None:
-                if log is not None:
-                    log(f"  {policy}: {i}/{len(requests)} sent, {time.monotonic() - t0:.0f} s")
-
-            records = await send_all(
-                gateway.url, requests, setup, texts=texts, keys=keys, on_progress=progress
+            records = await asyncio.get_running_loop().run_in_executor(
+                client,
+                _client_main,
+                gateway.url,
+                list(requests),
+                setup,
+                keys,
+                policy if progress else None,
             )
             if len(keys) == 1:
                 await attach_decisions(gateway.url, keys[0], records)
@@ -688,13 +748,23 @@ async def run_policies(
     log: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Each policy in turn, each on a fresh emulator; ideal's hit rate filled in for all."""
-    texts = BlockText()
     rows = []
-    for policy in policies:
-        rows.append(await run_policy(policy, requests, setup, texts=texts, log=log))
-        if log is not None:
-            row = rows[-1]
-            log(f"  {policy}: done in {row.seconds:.1f} s, hit rate {row.hit_rate:.1%}")
+    spawn = multiprocessing.get_context("spawn")
+    async with contextlib.AsyncExitStack() as stack:
+        client = stack.enter_context(ProcessPoolExecutor(1, mp_context=spawn))
+        # Every policy's emulator starts now, in parallel: idle, its caches stay cold.
+        emulators = [policy_emulator(policy, setup) for policy in policies]
+        for emulator in emulators:
+            stack.push_async_callback(emulator.stop)
+        warm = asyncio.get_running_loop().run_in_executor(client, time.monotonic)
+        await asyncio.gather(warm, *(emulator.start() for emulator in emulators))
+        for policy, emulator in zip(policies, emulators, strict=True):
+            row = await run_policy(
+                policy, requests, setup, client, emulator, progress=log is not None
+            )
+            rows.append(row)
+            if log is not None:
+                log(f"  {policy}: done in {row.seconds:.1f} s, hit rate {row.hit_rate:.1%}")
     ideal = next((r.hit_rate for r in rows if r.policy == "ideal"), None)
     for row in rows:
         row.ideal_hit_rate = ideal
