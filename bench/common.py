@@ -70,7 +70,7 @@ LATENCY_DECODE_MS_PER_TOKEN = 4.0
 DEMO_KEY = "sk-demo"  # gateway.presets.DEMO_KEY, the key emulated_config accepts
 
 POLICIES = ("round_robin", "random", "affinity", "ideal")
-DEFAULT_POLICIES = POLICIES
+DEFAULT_POLICIES = ("round_robin", "affinity", "ideal")
 # The gateway's affinity mode per policy. The gateway has no random mode: "random" is
 # its "fixed" mode (the client key's rendezvous order, first account with headroom)
 # with a client key drawn at random per request from RANDOM_KEYS keys.

@@ -5,17 +5,18 @@
 
 For each policy: a fresh provider emulator (cold caches; ``--accounts`` accounts with a
 5-minute cache TTL, a 60-second rate window, a 1,024-token minimum and 128-token
-blocks) and a fresh gateway in front of it, both on uvicorn in this process. The trace
-is sent over HTTP, open loop, time-compressed by ``--time-scale``; each 512-token block
-id becomes a deterministic 2,048-character text, so prompts share prefixes exactly as
-the trace says. Every account gets rpm and itpm limits under which the pool runs at
+blocks; in a child process) and a fresh gateway in front of it (uvicorn in this
+process, like the demo). A client process sends the trace over HTTP, open loop,
+time-compressed by ``--time-scale`` (the emulator's and the gateway's TTL and window are
+compressed alike); each 512-token block id becomes a deterministic 2,048-character
+text, so prompts share prefixes exactly as the trace says. Every account gets rpm and itpm limits under which the pool runs at
 ``--load`` (70 %) of its capacity in the trace's busiest minute, on the emulator (which
 answers 429 past them) and in the gateway (whose admission respects them).
 
-Policies: ``round_robin`` (the gateway's affinity mode "off"), ``random`` (its "fixed"
-mode with a random client key per request: the gateway has no random mode),
-``affinity`` (mode "prefix") and ``ideal`` (one account holding the whole pool's limits,
-so one cache sees every request: the bound).
+Policies: ``round_robin`` (the gateway's affinity mode "off"), ``affinity`` (mode
+"prefix") and ``ideal`` (one account holding the whole pool's limits, so one cache sees
+every request: the bound); on request, ``random`` (the gateway has no random mode: its
+"fixed" mode with a client key drawn at random per request).
 """
 
 from __future__ import annotations
