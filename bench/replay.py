@@ -9,9 +9,10 @@ blocks; in a child process) and a fresh gateway in front of it (uvicorn in this
 process, like the demo). A client process sends the trace over HTTP, open loop,
 time-compressed by ``--time-scale`` (the emulator's and the gateway's TTL and window are
 compressed alike); each 512-token block id becomes a deterministic 2,048-character
-text, so prompts share prefixes exactly as the trace says. Every account gets rpm and itpm limits under which the pool runs at
-``--load`` (70 %) of its capacity in the trace's busiest minute, on the emulator (which
-answers 429 past them) and in the gateway (whose admission respects them).
+text, so prompts share prefixes exactly as the trace says. Every account gets rpm and
+itpm limits under which the pool runs at ``--load`` (70 %) of its capacity in the
+trace's busiest minute, on the emulator (which answers 429 past them) and in the
+gateway (whose admission respects them).
 
 Policies: ``round_robin`` (the gateway's affinity mode "off"), ``affinity`` (mode
 "prefix") and ``ideal`` (one account holding the whole pool's limits, so one cache sees
