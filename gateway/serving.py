@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import socket
+from typing import Self
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -29,7 +30,7 @@ class AppServer:
     @property
     def url(self) -> str:
         if self._server is None:
-            raise RuntimeError("the server is not started")
+            raise RuntimeError("the server is not started")  # the port is not bound yet
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
@@ -65,7 +66,7 @@ class AppServer:
         self._server = None
         self._task = None
 
-    async def __aenter__(self) -> AppServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

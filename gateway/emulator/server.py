@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import logging
-import socket
 import sys
 from dataclasses import replace
 
@@ -16,6 +14,7 @@ from starlette.types import ASGIApp
 from gateway.emulator.app import EmulatorApp
 from gateway.emulator.asgi import InjectedStreamCut
 from gateway.emulator.config import EmulatorConfig, default_config, load_config
+from gateway.serving import AppServer
 
 _HTTP = "httptools" if importlib.util.find_spec("httptools") else "h11"
 _LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
@@ -40,70 +39,20 @@ def create_app(config: EmulatorConfig) -> ASGIApp:
     return EmulatorApp(config)
 
 
-class EmulatorServer:
+class EmulatorServer(AppServer):
     """uvicorn serving the emulator on the current event loop.
 
     ``port=0`` picks a free port; ``url`` reports the bound one once started.
     """
 
+    app: EmulatorApp
+
     def __init__(self, config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._app = EmulatorApp(config)
-        self._host = host
-        self._port = port
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._bound_port: int | None = None
-
-    @property
-    def app(self) -> EmulatorApp:
-        return self._app
-
-    @property
-    def url(self) -> str:
-        if self._bound_port is None:
-            raise RuntimeError("the emulator is not started")
-        return f"http://{self._host}:{self._bound_port}"
+        super().__init__(EmulatorApp(config), host, port)
 
     async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("the emulator is already started")
         _hide_injected_cuts()
-        # Binding here surfaces errors as OSError (uvicorn would sys.exit inside a task),
-        # and tells us the port before the first request.
-        sock = socket.create_server((self._host, self._port), reuse_port=False)
-        self._bound_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app,
-            http=_HTTP,
-            lifespan="on",
-            access_log=False,
-            log_config=None,  # leave the host process's logging alone
-            timeout_graceful_shutdown=1,
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                await self._task  # re-raises what went wrong
-                raise RuntimeError("the emulator stopped during startup")
-            await asyncio.sleep(0.005)
-
-    async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        await self._task
-        self._server = None
-        self._task = None
-        self._bound_port = None
-
-    async def __aenter__(self) -> EmulatorServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
+        await super().start()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
