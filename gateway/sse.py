@@ -49,6 +49,11 @@ class SSEParser:
         self._data: list[bytes | bytearray] = []
         self._started = False  # past the optional byte-order mark
 
+    @property
+    def at_boundary(self) -> bool:
+        """Nothing is held back: the next byte fed starts a new event."""
+        return self._started and not self._buf
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Return the events that `chunk` completes, in order."""
         if self._buf:

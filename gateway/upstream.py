@@ -419,8 +419,13 @@ class UpstreamApp:
         parser = SSEParser()  # fed only while holding
         held: list[bytes] = []
         sending = False
+        # Re-arming the idle timer makes a new timer: do it at most every timeout/8, with
+        # the deadline that much later, so it fires between timeout and 1.125 x timeout
+        # after the provider's last chunk.
+        slack = timeout / 8
+        rearm_at = loop.time() + slack
         try:
-            async with asyncio.timeout(timeout) as idle:
+            async with asyncio.timeout(timeout + slack) as idle:
                 if holding is None:
                     await send(start)
                     ctx.first_byte = time.perf_counter()
@@ -439,7 +444,10 @@ class UpstreamApp:
                     sending = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     sending = False
-                    idle.reschedule(loop.time() + timeout)
+                    now = loop.time()
+                    if now >= rearm_at:
+                        idle.reschedule(now + timeout + slack)
+                        rearm_at = now + slack
                 if holding is not None:  # the stream ended before any output
                     await send(start)
                     ctx.first_byte = time.perf_counter()

@@ -220,7 +220,7 @@ def _first_int(obj: Mapping[str, Any], *keys: str) -> int:
     return 0
 
 
-def _has_usage_object(data: bytes) -> bool:
+def has_usage_object(data: bytes) -> bool:
     # A byte check before any parse: `"usage"` as a key followed by an object. Inside
     # JSON strings quotes are escaped, so streamed text cannot fake the key, and
     # chunks that carry `"usage":null` (OpenAI with include_usage) are skipped.
@@ -236,7 +236,7 @@ def _has_usage_object(data: bytes) -> bool:
 
 
 def _parse_if_usage(data: bytes) -> dict[str, Any] | None:
-    if not _has_usage_object(data):
+    if not has_usage_object(data):
         return None
     try:
         obj = orjson.loads(data)

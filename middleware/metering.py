@@ -37,6 +37,7 @@ from gateway.usage import (
     Usage,
     add_usage_fields,
     add_usage_fields_to_event,
+    has_usage_object,
     stream_usage_patch,
     usage_from_body,
 )
@@ -171,8 +172,20 @@ class MeteringMiddleware:
             if parser is None or stream is None:
                 await send(message)
                 return
+            chunk = message.get("body", b"")
+            if (
+                not remember
+                and parser.at_boundary
+                and chunk.endswith(b"\n\n")
+                and not has_usage_object(chunk)
+            ):
+                # Nearly every chunk: whole events, none carrying usage, so nothing to
+                # rewrite or drop. Forward the bytes as they are; count the events only.
+                streamed += chunk.count(b"\n\n")
+                await send(message)
+                return
             out: list[bytes] = []
-            for event in parser.feed(message.get("body", b"")):
+            for event in parser.feed(chunk):
                 if remember and event.event == "response.created":
                     response_id = _created_id(event.data)
                     if response_id is not None:
