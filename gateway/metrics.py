@@ -8,10 +8,14 @@ a user, a key or a hash.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -26,6 +30,9 @@ class _Callback(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        # metric.labels() validates, locks and hashes its values on every call; the label
+        # sets are bounded by configuration, so each child is looked up once.
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "gateway_requests",
@@ -123,6 +130,14 @@ class Metrics:
             ["group", "model", "status"],
             registry=r,
         )
+
+    def child(self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, remembered."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found  # type: ignore[return-value]
 
     def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Register gauges read at scrape time (pin index size, windows, Redis state)."""

@@ -242,7 +242,7 @@ class FailoverMiddleware:
         ctx.account = account
         expected = ctx.choice.matched_tokens if ctx.choice and account is ctx.candidates[0] else 0
         await self.router.begin(account.spec, fp, demand)
-        gauge = self.metrics.in_flight.labels(name)
+        gauge = self.metrics.child(self.metrics.in_flight, name)
         gauge.inc()
         t0 = time.perf_counter()
         ok = False
@@ -283,4 +283,4 @@ class FailoverMiddleware:
         self, ctx: RequestContext, account: str, status: int, reason: str, t0: float
     ) -> None:
         ctx.attempts.append(Attempt(account, status, reason, time.perf_counter() - t0))
-        self.metrics.attempts.labels(account, reason).inc()
+        self.metrics.child(self.metrics.attempts, account, reason).inc()

@@ -308,29 +308,29 @@ class MeteringMiddleware:
         # Only a configured model (one with a plan) may become a label value: the body's
         # model of a refused request is the caller's free text.
         model = ctx.model if ctx.plan else ""
-        m.requests.labels(endpoint, group, model, _status_class(status)).inc()
+        m.child(m.requests, endpoint, group, model, _status_class(status)).inc()
         now = time.perf_counter()
-        m.request_seconds.labels(endpoint, group).observe(now - ctx.started)
+        m.child(m.request_seconds, endpoint, group).observe(now - ctx.started)
         if ctx.first_byte is not None:
-            m.ttfb_seconds.labels(endpoint, group).observe(ctx.first_byte - ctx.started)
+            m.child(m.ttfb_seconds, endpoint, group).observe(ctx.first_byte - ctx.started)
         if ctx.cache_status:
             # The platform cache, apart from provider prompt-cache reads (cached_tokens).
-            m.platform_cache_requests.labels(group, model, ctx.cache_status.lower()).inc()
+            m.child(m.platform_cache_requests, group, model, ctx.cache_status.lower()).inc()
             if ctx.cache_hit is not None:
-                m.platform_cache_hits.labels(group, model).inc()
+                m.child(m.platform_cache_hits, group, model).inc()
         usage = ctx.usage
         if usage is None or (ctx.account is None and ctx.cache_hit is None):
             return
         if ctx.account is not None:  # provider tokens: a platform-cache hit has none
             account = ctx.account.name
-            m.prompt_tokens.labels(group, model, account).inc(usage.prompt_tokens)
-            m.cached_tokens.labels(group, model, account).inc(usage.cached_tokens)
-            m.cache_write_tokens.labels(group, model, account).inc(usage.cache_write_tokens)
-            m.completion_tokens.labels(group, model, account).inc(usage.completion_tokens)
+            m.child(m.prompt_tokens, group, model, account).inc(usage.prompt_tokens)
+            m.child(m.cached_tokens, group, model, account).inc(usage.cached_tokens)
+            m.child(m.cache_write_tokens, group, model, account).inc(usage.cache_write_tokens)
+            m.child(m.completion_tokens, group, model, account).inc(usage.completion_tokens)
         if usage.estimated:
-            m.usage_estimated.labels(group, model).inc()
+            m.child(m.usage_estimated, group, model).inc()
         if ctx.cost is not None:
-            m.cost.labels(group, model).inc(ctx.cost)
+            m.child(m.cost, group, model).inc(ctx.cost)
             # Discounts can be negative (a cache write costs more than it saved yet), and
             # counters only grow: export the no-cache price; savings = it - cost.
-            m.uncached_cost.labels(group, model).inc(ctx.cost + ctx.cache_discount)
+            m.child(m.uncached_cost, group, model).inc(ctx.cost + ctx.cache_discount)

@@ -79,7 +79,7 @@ class PinningMiddleware:
                 healthy=lambda spec: self._healthy(spec.name),
             )
             if not choice.candidates:
-                self.metrics.decisions.labels(route.group, "saturated").inc()
+                self.metrics.child(self.metrics.decisions, route.group, "saturated").inc()
                 saturated = saturated or route.group
                 # Accounts cooling down or ejected are not in the choice at all: the first
                 # of them back is as good a time to retry as a window with headroom.
@@ -88,7 +88,7 @@ class PinningMiddleware:
                         retry_after = wait if retry_after is None else min(retry_after, wait)
                 continue
             reason = "fallback_group" if step else choice.reason
-            self.metrics.decisions.labels(route.group, reason).inc()
+            self.metrics.child(self.metrics.decisions, route.group, reason).inc()
             ctx.decision = reason
             ctx.route = route
             ctx.choice = choice
@@ -158,13 +158,13 @@ class PinningMiddleware:
             healthy=lambda spec: self._healthy(spec.name),
         )
         if not choice.candidates:
-            self.metrics.decisions.labels(route.group, "saturated").inc()
+            self.metrics.child(self.metrics.decisions, route.group, "saturated").inc()
             raise RateLimited(
                 f"the account holding previous response {previous!r} is busy; retry later",
                 retry_after=choice.retry_after or 1.0,
                 code="previous_response_owner_busy",
             )
-        self.metrics.decisions.labels(route.group, "session").inc()
+        self.metrics.child(self.metrics.decisions, route.group, "session").inc()
         ctx.decision = "session"
         ctx.route, ctx.choice, ctx.candidates = route, choice, (account,)
         try:
