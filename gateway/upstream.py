@@ -158,6 +158,10 @@ def forward_headers(
     return out
 
 
+_JSON_SPACE = frozenset(b" \t\r\n")
+_CLOSE = ord("}")
+
+
 def patched_body(raw: bytes, patch: Mapping[str, Any], parsed: Mapping[str, Any]) -> bytes:
     """The body to send: the client's bytes, unless top-level fields must change.
 
@@ -171,10 +175,12 @@ def patched_body(raw: bytes, patch: Mapping[str, Any], parsed: Mapping[str, Any]
         merged.update(patch)
         return orjson.dumps(merged)
     head = orjson.dumps(patch)  # b'{"k":v,...}'
-    start = raw.index(b"{") + 1
-    rest = raw[start:].lstrip()
-    sep = b"" if rest.startswith(b"}") else b","
-    return head[:-1] + sep + rest
+    at = raw.index(b"{") + 1
+    while raw[at] in _JSON_SPACE:
+        at += 1
+    sep = b"" if raw[at] == _CLOSE else b","
+    # One copy of the body: join takes the rest as a view.
+    return b"".join((memoryview(head)[:-1], sep, memoryview(raw)[at:]))
 
 
 # Response headers worth passing back; the rest describe the account, not the caller.

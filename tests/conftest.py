@@ -206,3 +206,24 @@ def redis_server() -> Iterator[RedisServer]:
     server = start_redis()
     yield server
     stop_redis(server)
+
+
+@pytest.fixture(autouse=True)
+def close_sdk_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every sync openai / anthropic client a test made, so their pooled sockets
+    are not left for the garbage collector (a ResourceWarning at interpreter exit)."""
+    import anthropic
+    import openai
+
+    made: list[Any] = []
+    for cls in (openai.OpenAI, anthropic.Anthropic):
+        original = cls.__init__
+
+        def init(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+            _original(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", init)
+    yield
+    for client in made:
+        client.close()
