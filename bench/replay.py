@@ -150,10 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     def log(line: str) -> None:
-        if not args.quiet:
-            print(line, file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
-    rows = asyncio.run(run_policies(policies, requests, setup, log=log))
+    rows = asyncio.run(run_policies(policies, requests, setup, log=None if args.quiet else log))
     print(table(rows))
     print()
     print(decisions(rows))
