@@ -2,9 +2,9 @@
 
 A benchmark is a list of timed requests, each a chain of prompt blocks. For every policy
 it starts a fresh provider emulator (cold caches; in a child process, as a provider is
-remote) and a fresh gateway (uvicorn in this process, like the demo), sends the
-requests over real HTTP at their (time-compressed) timestamps, open loop, and reads the
-provider's side of the story from the emulator's ``GET /stats``. Everything the client
+remote) and a fresh gateway (uvicorn in this process, like the demo); a client process
+sends the requests over real HTTP at their (time-compressed) timestamps, open loop, and
+the provider's side of the story comes from the emulator's ``GET /stats``. Everything the client
 saw (status, upstream account, usage, timings, the gateway's request id) is recorded
 per request, so per-account, per-minute load is reconstructed from what was admitted.
 
