@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Iterator, Sequence
 from types import FrameType
@@ -50,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.serving import listen
 
     try:
         config = load_config(args.config)
@@ -105,10 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     srv = config.server
     host = args.host or srv.host
     port = args.port if args.port is not None else srv.port
-    sockets = [socket.create_server((host, port))]
+    sockets = [listen(host, port)]
     if srv.admin_port is not None:
         # One server, two listeners: the app tells them apart by the port it was reached on.
-        sockets.append(socket.create_server((srv.admin_host, srv.admin_port)))
+        sockets.append(listen(srv.admin_host, srv.admin_port))
     server.run(sockets=sockets)
     return 0
 
