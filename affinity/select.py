@@ -291,7 +291,9 @@ class Selector:
         elif 0 <= shared < len(hashes) - 1:
             conversation = hashes[shared + 1]
         else:
-            conversation = hashes[-1]
+            # The whole prompt is the hot part: one busy conversation, not a crowd sharing
+            # a prefix. Splitting it would only move its growing history turn by turn.
+            return None
         own = rank(conversation, top)[0]
         matched = snap.matched
         own_tokens = matched.get(own.name, 0)
