@@ -251,7 +251,7 @@ class Gateway:
                 budget=RetryBudget(ratio=fo.retry_ratio, min_in_flight=fo.min_retries_in_flight),
             ),
         ]
-        app: ASGIApp = UpstreamApp(self.upstream)
+        app: ASGIApp = UpstreamApp(self.upstream, on_limits=self.router.observe_headers)
         for layer in reversed(chain):
             app = layer(app)
         # Non-proxied API routes share the outer layers: the errors format and auth.

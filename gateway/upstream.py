@@ -29,6 +29,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -334,13 +335,67 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
 
 
+# What the provider says about an account's limits: remaining requests, remaining
+# (input) tokens, seconds until reset.
+LimitsReading = tuple[int | None, int | None, float | None]
+LimitsObserver = Callable[[AccountSpec, int | None, int | None, float | None], None]
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _reset_seconds(value: str | None) -> float | None:
+    """OpenAI sends durations ("6m0s", "20ms"); Anthropic an RFC 3339 time."""
+    if not value:
+        return None
+    parts = _DURATION.findall(value)
+    if parts and "".join(n + u for n, u in parts) == value:
+        return sum(float(n) * _UNIT[u] for n, u in parts)
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(at.timestamp() - time.time(), 0.0)
+
+
+def rate_limit_headers(headers: Mapping[str, str]) -> LimitsReading | None:
+    """The provider's rate-limit headers, folded into the affinity windows."""
+    requests = headers.get("x-ratelimit-remaining-requests")
+    if requests is not None:
+        return (
+            _int(requests),
+            _int(headers.get("x-ratelimit-remaining-tokens")),
+            _reset_seconds(headers.get("x-ratelimit-reset-requests")),
+        )
+    requests = headers.get("anthropic-ratelimit-requests-remaining")
+    if requests is not None:
+        tokens = headers.get("anthropic-ratelimit-input-tokens-remaining") or headers.get(
+            "anthropic-ratelimit-tokens-remaining"
+        )
+        return (
+            _int(requests),
+            _int(tokens),
+            _reset_seconds(headers.get("anthropic-ratelimit-requests-reset")),
+        )
+    return None
+
+
 class UpstreamApp:
     """Terminal ASGI app of the proxy chain."""
 
-    def __init__(self, client: UpstreamClient) -> None:
+    def __init__(self, client: UpstreamClient, *, on_limits: LimitsObserver | None = None) -> None:
         self.client = client
         self.first_byte_timeout = client.timeouts.first_byte
         self.idle_timeout = client.timeouts.idle
+        self.on_limits = on_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope)
@@ -367,6 +422,10 @@ class UpstreamApp:
             ) from None
         try:
             ctx.upstream_status = resp.status
+            if self.on_limits is not None:
+                reading = rate_limit_headers(resp.headers)
+                if reading is not None:
+                    self.on_limits(account.spec, *reading)
             if resp.status >= 300:
                 raw = await resp.content.read(MAX_ERROR_BODY)
                 raise UpstreamStatus(

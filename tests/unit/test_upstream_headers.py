@@ -98,3 +98,47 @@ json_values = st.recursive(
 def test_patched_body_equals_merge(body: dict[str, object], patch: dict[str, object]) -> None:
     raw = orjson.dumps(body)
     assert orjson.loads(patched_body(raw, patch, body)) == {**body, **patch}
+
+
+def test_openai_rate_limit_headers_are_read() -> None:
+    from gateway.upstream import rate_limit_headers
+
+    got = rate_limit_headers(
+        {
+            "x-ratelimit-remaining-requests": "41",
+            "x-ratelimit-remaining-tokens": "1200",
+            "x-ratelimit-reset-requests": "1m30.5s",
+        }
+    )
+    assert got == (41, 1200, 90.5)
+
+
+def test_anthropic_rate_limit_headers_are_read() -> None:
+    import time
+    from datetime import UTC, datetime
+
+    from gateway.upstream import rate_limit_headers
+
+    reset = datetime.fromtimestamp(time.time() + 20, UTC).isoformat().replace("+00:00", "Z")
+    got = rate_limit_headers(
+        {
+            "anthropic-ratelimit-requests-remaining": "7",
+            "anthropic-ratelimit-input-tokens-remaining": "9000",
+            "anthropic-ratelimit-requests-reset": reset,
+        }
+    )
+    assert got is not None and got[:2] == (7, 9000)
+    assert got[2] is not None and 18 < got[2] <= 20
+
+
+def test_no_or_garbled_rate_limit_headers() -> None:
+    from gateway.upstream import rate_limit_headers
+
+    assert rate_limit_headers({"content-type": "application/json"}) is None
+    assert rate_limit_headers(
+        {"x-ratelimit-remaining-requests": "many", "x-ratelimit-reset-requests": "soon"}
+    ) == (
+        None,
+        None,
+        None,
+    )
