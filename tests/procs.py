@@ -15,13 +15,16 @@ from gateway.config import Config
 
 
 class GatewayProcess:
-    def __init__(self, config: Config, workdir: Path, *extra: str) -> None:
+    def __init__(
+        self, config: Config, workdir: Path, *extra: str, options: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
         self.port = config.server.port
         self.url = f"http://127.0.0.1:{self.port}"
         self.path = workdir / f"gateway-{self.port}.yaml"
         self.path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
         self.extra = extra
+        self.options = options  # before the subcommand, e.g. ("--log-level", "debug")
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> GatewayProcess:
@@ -29,6 +32,7 @@ class GatewayProcess:
             sys.executable,
             "-m",
             "gateway",
+            *self.options,
             "serve",
             "--config",
             str(self.path),

@@ -142,3 +142,41 @@ def test_no_or_garbled_rate_limit_headers() -> None:
         None,
         None,
     )
+
+
+header_names = st.sampled_from(
+    [
+        "authorization",
+        "x-api-key",
+        "cookie",
+        "connection",
+        "te",
+        "x-custom",
+        "x-goog-api-key",
+        "proxy-authorization",
+        "content-type",
+        "x-auth-token",
+        "api-key",
+        "x-session-id",
+        "upgrade",
+    ]
+) | st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_", min_size=1, max_size=20)
+
+
+@given(
+    st.lists(
+        st.tuples(header_names, st.text(alphabet="abcdefghijk ,-_=;", max_size=30)), max_size=12
+    )
+)
+def test_header_filter_never_forwards_credentials(client: list[tuple[str, str]]) -> None:
+    raw = [(n.encode(), v.encode()) for n, v in client]
+    out = forward_headers(raw, account())
+    names = [n for n, _ in out]
+    assert names.count("authorization") == 1 and dict(out)["authorization"] == "Bearer sk-account"
+    hop = {"connection", "te", "upgrade", "transfer-encoding", "keep-alive", "cookie", "host"}
+    listed = {t.strip().lower() for n, v in client if n == "connection" for t in v.split(",")}
+    for name in names:
+        if name in ("authorization", "accept-encoding"):
+            continue
+        assert name not in hop and name not in listed
+        assert not any(h in name for h in ("auth", "key", "token", "secret", "cookie", "session"))
