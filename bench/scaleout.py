@@ -91,6 +91,10 @@ DEFAULT_TIME_SCALE = 60.0
 DEFAULT_REPLICAS = 3
 DEFAULT_CONCURRENCY = 64
 DEFAULT_KILL_AT = 1 / 3
+# The kill lands this long after the first requests due at --kill-at were sent, while they
+# are inside the replica: the trace's requests come in bursts on whole seconds, and a kill
+# between bursts would find nothing in flight.
+KILL_AFTER_SEND = 0.010
 # Seconds the gateway waits for Redis before answering from local state (its own
 # default is 0.05). See docs/scale-out.md for what a tighter value does on a busy machine.
 DEFAULT_REDIS_TIMEOUT = 0.05
@@ -697,7 +701,6 @@ async def run_row(spec: RowSpec, ctx: Context) -> Result:
                 await lb.start(session)
                 target = lb.url
 
-            span = setup.scaled(requests[-1].at - requests[0].at) if requests else 0.0
             victim = len(gateways) - 1
             pids = {
                 "gateways": [c.pid for c, _ in gateways],
@@ -712,7 +715,9 @@ async def run_row(spec: RowSpec, ctx: Context) -> Result:
             t_start = time.monotonic()
             if spec.kill:
                 kill_task = asyncio.create_task(
-                    _kill_later(gateways[victim][0], ctx.kill_at * span, t_start)
+                    _kill_later(
+                        gateways[victim][0], kill_delay(requests, setup, ctx.kill_at), t_start
+                    )
                 )
 
             def progress(i: int) -> None:
@@ -762,6 +767,14 @@ async def run_row(spec: RowSpec, ctx: Context) -> Result:
     result.redis = {k: v - redis0.get(k, 0.0) for k, v in redis1.items() if v != redis0.get(k)}
     result.warnings = dict(log_warnings([c.log_path for c, _ in gateways]).most_common(6))
     return result
+
+
+def kill_delay(requests: Sequence[TraceRequest], setup: Setup, share: float) -> float:
+    """Seconds from the replay's start to the kill: just after the first requests due at
+    ``share`` of the trace's span were sent (bench.common.send_all sends at ``at``, scaled)."""
+    first, last = requests[0].at, requests[-1].at
+    due = next((r.at for r in requests if r.at >= first + share * (last - first)), last)
+    return setup.scaled(due) + KILL_AFTER_SEND
 
 
 def readyz_check(session: aiohttp.ClientSession, addr: str) -> Callable[[], Awaitable[bool]]:
