@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need, then lint, type-check and run the suite.
-# Works on a fresh machine: makes .venv, installs redis-server, prometheus and chromium
-# from the distribution when they are missing (the tests start and stop their own).
+# Works on a fresh machine: makes .venv, installs redis-server, prometheus, chromium,
+# haproxy and nginx from the distribution when they are missing (the tests start and stop
+# their own instances).
 # Extra arguments go to pytest (e.g. --run-slow for benchmark-grade runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +23,16 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# Load balancers in front of replicas (scale-out smoke tests); nginx is also the proxy-hop floor.
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   # Packages may start system-wide servers; the tests use their own.
-  for svc in redis-server prometheus; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
+  for svc in redis-server prometheus haproxy nginx; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 echo "== ruff";  .venv/bin/ruff check .
