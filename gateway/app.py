@@ -98,21 +98,7 @@ def principal_is_admin(principal: Principal | None) -> bool:
 
 def _principals(config: Config) -> dict[str, Principal]:
     """Configured tokens by key hash."""
-    return {
-        t.key_hash: Principal(
-            token=t.name,
-            user=t.user or t.name,
-            user_group=t.user_group,
-            group=t.group,
-            fallback_groups=t.fallback_groups,
-            rpm=t.rpm,
-            tpm=t.tpm,
-            budget_usd_day=t.budget_usd_day,
-            budget_usd_month=t.budget_usd_month,
-            admin=t.admin,
-        )
-        for t in config.tokens
-    }
+    return {t.key_hash: TokenSpec(**t.model_dump()).principal() for t in config.tokens}
 
 
 class Gateway:

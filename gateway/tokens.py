@@ -41,6 +41,7 @@ class TokenSpec:
     tpm: int | None = None
     budget_usd_day: float | None = None
     budget_usd_month: float | None = None
+    admin: bool = False  # configured tokens only: the admin API never makes one
     created: float = field(default_factory=time.time)
 
     def principal(self) -> Principal:
@@ -54,6 +55,7 @@ class TokenSpec:
             tpm=self.tpm,
             budget_usd_day=self.budget_usd_day,
             budget_usd_month=self.budget_usd_month,
+            admin=self.admin,
         )
 
     def public(self) -> dict[str, Any]:
