@@ -11,6 +11,7 @@ must parse and return data, and every rule must be loaded and healthy.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import re
@@ -29,6 +30,7 @@ import anthropic
 import openai
 import pytest
 
+from gateway.config import EncryptionKey
 from gateway.emulator import EmulatorServer
 from gateway.presets import emulated_config
 from tests.conftest import (
@@ -119,7 +121,18 @@ def stack(
         state["redis_url"] = f"redis://127.0.0.1:{redis.port}/9"
     server = EmulatorServer(emulator_config(ACCOUNTS))
     loop_thread.run(server.start())
-    gw = start_gateway(loop_thread, emulated_config(server.url, accounts=ACCOUNTS, state=state))
+    config = emulated_config(server.url, accounts=ACCOUNTS, state=state)
+    # The platform response cache on, so its panel has data (keys: Redis needs them).
+    group = config.groups["default"]
+    cache = group.response_cache.model_copy(update={"enabled": True})
+    keys = (EncryptionKey(id="k1", key=base64.b64encode(bytes(range(32))).decode()),)
+    config = config.model_copy(
+        update={
+            "groups": {"default": group.model_copy(update={"response_cache": cache})},
+            "platform_cache": config.platform_cache.model_copy(update={"encryption_keys": keys}),
+        }
+    )
+    gw = start_gateway(loop_thread, config)
     try:
         yield Emulator(server, loop_thread), gw
     finally:
@@ -214,6 +227,13 @@ def workload_round(gw: GatewayHandle, n: int) -> None:
     with oai, ant:
         for i in range(3):
             chat(oai, f"round {n} question {i}")
+        for _ in range(2):  # deterministic and tiny: the second is a platform-cache hit
+            oai.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": f"round {n} asked twice"}],
+                max_tokens=4,
+                temperature=0,
+            )
         for _ in chat(oai, f"round {n} streamed", stream=True):
             pass
         system: Any = [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
@@ -248,15 +268,18 @@ def trouble(emulator: Emulator, gw: GatewayHandle, *, cut: bool) -> None:
             oai.chat.completions.create(
                 model="no-such-model", messages=[{"role": "user", "content": "x"}]
             )
-        # Provider 429s on one account: the gateway cools it down and fails over.
-        emulator.faults("acct-0", error_rate=1.0, status=429, retry_after=1)
+        # Provider 429s on all accounts but one: whichever account routing picks first,
+        # most requests meet a 429, cool that account down and fail over to the last one.
+        for i in range(ACCOUNTS - 1):
+            emulator.faults(f"acct-{i}", error_rate=1.0, status=429, retry_after=1)
         for i in range(2 * ACCOUNTS):
             oai.chat.completions.create(
                 model="gpt-4o-mini",
                 messages=[{"role": "user", "content": f"rate limited {i}"}],
                 max_tokens=4,
             )
-        emulator.faults("acct-0")
+        for i in range(ACCOUNTS - 1):
+            emulator.faults(f"acct-{i}")
         # Every account fails with 500: the caller gets a 5xx.
         for i in range(ACCOUNTS):
             emulator.faults(f"acct-{i}", error_rate=1.0, status=500)
