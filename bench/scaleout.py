@@ -13,6 +13,7 @@ redis-server started for the run):
     replicas        N gateway processes sharing Redis behind a round-robin load balancer
                     (nginx or haproxy from the distribution, bench/lb/, in the foreground)
     replicas-kill   the same, one replica killed with SIGKILL a third of the way through
+                    (just after a burst of requests was sent, so that some are inside it)
 
 The workload and the provider are bench.replay's: the trace sent open loop at
 ``at / time_scale``, 8 accounts whose rpm and itpm put the pool at 70 % in the trace's
@@ -21,10 +22,14 @@ time scale). The client never retries a failed request (only a gateway's 429 wit
 Retry-After, as an SDK would), so every loss shows.
 
 In the kill row the load balancer's access log tells which requests were on the killed
-replica when it died (the replica they were sent to, their start and end); the client's
-failures are joined to it by request id (the gateway's, or the load balancer's own for a
-response it made itself), so a failure is either one of those in-flight requests or a
-loss beyond them.
+replica when it died: sent to it, started before its exit was seen, unfinished when the
+signal was sent. The client's failures are joined to that log by request id (the
+gateway's, or the load balancer's own for a response it made itself), so a failure is
+either one of those in-flight requests or a loss beyond them.
+
+Below the table: the kill's details, CPU seconds by role during the replay, Redis's
+script calls and failed commands, the gateways' warnings, and their routing decisions
+with the routing loss by decision. docs/scale-out.md explains a run.
 """
 
 from __future__ import annotations
@@ -95,8 +100,7 @@ DEFAULT_KILL_AT = 1 / 3
 # are inside the replica: the trace's requests come in bursts on whole seconds, and a kill
 # between bursts would find nothing in flight.
 KILL_AFTER_SEND = 0.010
-# Seconds the gateway waits for Redis before answering from local state (its own
-# default is 0.05). See docs/scale-out.md for what a tighter value does on a busy machine.
+# Seconds the gateway waits for Redis before answering from local state: its own default.
 DEFAULT_REDIS_TIMEOUT = 0.05
 START_TIMEOUT = 60.0
 
@@ -491,7 +495,7 @@ class KillReport:
     failed_in_flight: int  # client failures among the in-flight ones
     failed_beyond: int  # client failures that were not in flight on the killed replica
     unlogged: int  # client failures the LB log does not name (counted in failed_beyond)
-    unlogged_while_dying: int  # of which: sent before the replica's exit was seen
+    unlogged_in_flight: int  # of which: sent before its exit was seen, unanswered at the signal
     failures_sent_ms: list[float] = field(default_factory=list)  # when sent, from the signal
 
 
@@ -643,7 +647,7 @@ def kill_report(
         entry = by_id.get(rec.request_id) if rec.request_id else None
         if entry is None:
             unlogged += 1
-            unlogged_dying += rec.last <= dying
+            unlogged_dying += rec.last <= dying and (rec.done >= at or not rec.done)
         elif entry.lb_id in on_killed:
             failed_in += 1
     in_flight_all = sum(
@@ -662,7 +666,7 @@ def kill_report(
         failed_in_flight=failed_in,
         failed_beyond=len(failures) - failed_in,
         unlogged=unlogged,
-        unlogged_while_dying=unlogged_dying,
+        unlogged_in_flight=unlogged_dying,
         failures_sent_ms=sorted(round((r.last - at) * 1000, 1) for r in failures),
     )
 
@@ -940,8 +944,9 @@ def notes(results: Sequence[Result], time_scale: float) -> list[str]:
             if k.unlogged:
                 lines.append(
                     f"{r.row}: {k.unlogged} failures are not in the LB log (counted as lost "
-                    f"beyond); {k.unlogged_while_dying} of them were sent between the signal and "
-                    "the replica's exit; failures sent at (ms from the signal): "
+                    f"beyond); {k.unlogged_in_flight} of them were in flight at the kill (sent "
+                    "before the replica's exit was seen, unanswered at the signal); failures "
+                    "sent at (ms from the signal): "
                     + " ".join(f"{t:g}" for t in k.failures_sent_ms)
                 )
         if r.failures:
