@@ -738,7 +738,7 @@ async def run_row(spec: RowSpec, ctx: Context) -> Result:
             if killed is not None:
                 cpu["gateways"] += killed.cpu
             # Whatever else ran on the machine meanwhile (other jobs, the kernel's share).
-            cpu["other"] = machine_cpu() - cpu0["machine"] - sum(cpu.values())
+            cpu["other"] = max(0.0, machine_cpu() - cpu0["machine"] - sum(cpu.values()))
             redis1 = await redis_counters(ctx.redis_url) if spec.redis else {}
             counters = [
                 await scrape(session, f"http://{addr}") for c, addr in gateways if c.running
