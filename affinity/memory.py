@@ -191,7 +191,9 @@ class MemoryState:
                         tokens = by_domain.get(account.cache_domain)
                         if tokens:
                             matched[account.name] = tokens
-                root_rate = self._rate(root, now) * 60.0 / self.window_seconds
+                # Requests per rate window: the unit the account limits are counted in
+                # (per minute in production; a time-compressed replay scales both alike).
+                root_rate = self._rate(root, now)
                 shared = self._shared_index(fp, root_rate, now)
         load = self._loads(accounts, now)
         return Snapshot(

@@ -191,7 +191,7 @@ class RedisState:
         shared = -1
         if has_pins:
             pins = replies[0]
-            root_rate = float(pins[0]) * 60.0 / self.window_seconds
+            root_rate = float(pins[0])  # per rate window, the unit of the account limits
             if int(pins[1]):
                 shared = fp.pin_from + int(pins[1]) - 1
             by_domain = {

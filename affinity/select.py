@@ -71,7 +71,7 @@ class Selector:
         max_candidates: int = 16,
     ) -> None:
         """
-        hot_rate_per_account: requests per minute of one root that one account should
+        hot_rate_per_account: requests per rate window (minute) of one root that one account should
         take, for accounts whose limits do not say (None: only limits decide).
         hot_share: share of one account's limits a single root may use before spreading.
         balance: bound on an account's window tokens per weight, relative to the pool's
@@ -307,7 +307,7 @@ class Selector:
         self, order: list[AccountSpec], demand: Demand, snap: Snapshot, shared_tokens: int
     ) -> int:
         """How many accounts the root's recent traffic needs (1: not hot)."""
-        rate = snap.root_rate  # requests per minute
+        rate = snap.root_rate  # per rate window, like the limits it is compared with
         if rate <= 0.0 or len(order) <= 1:
             return 1
         need = 0.0

@@ -78,7 +78,9 @@ class Snapshot:
 
     matched: Mapping[str, int]  # account name -> live matched tokens; absent means none
     load: Mapping[str, AccountLoad]  # account name -> window use; absent means idle
-    root_rate: float = 0.0  # requests per minute through the root block
+    # Requests through the root block per rate window (per minute with the default 60 s
+    # window): the unit the account limits are counted in.
+    root_rate: float = 0.0
     # Deepest block index still carrying at least half of the root's traffic: the end of the
     # shared (hot) prefix; the block after it is the conversation's own. -1 when unknown.
     shared_index: int = -1
