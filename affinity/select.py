@@ -71,7 +71,8 @@ class Selector:
         max_candidates: int = 16,
     ) -> None:
         """
-        hot_rate_per_account: requests per rate window (minute) of one root that one account should
+        hot_rate_per_account: requests per rate window (a minute) of one root that one account
+        should
         take, for accounts whose limits do not say (None: only limits decide).
         hot_share: share of one account's limits a single root may use before spreading.
         balance: bound on an account's window tokens per weight, relative to the pool's
