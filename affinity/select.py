@@ -72,8 +72,7 @@ class Selector:
     ) -> None:
         """
         hot_rate_per_account: requests per rate window (a minute) of one root that one account
-        should
-        take, for accounts whose limits do not say (None: only limits decide).
+        should take, for accounts whose limits do not say (None: only limits decide).
         hot_share: share of one account's limits a single root may use before spreading.
         balance: bound on an account's window tokens per weight, relative to the pool's
         mean, for placing prefixes no account holds yet (None: no bound).
