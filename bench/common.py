@@ -852,3 +852,32 @@ def lateness_warning(rows: Sequence[Row], time_scale: float) -> str | None:
         f"{emulated:.0f} emulated seconds: the machine did not keep up with this time "
         "scale, so load was burstier than the workload's. Lower --time-scale."
     )
+
+
+def run_and_report(
+    policies: Sequence[str],
+    requests: Sequence[Any],
+    setup: Setup,
+    targets: Callable[[Sequence[Row]], list[str]],
+    *,
+    quiet: bool,
+    started: float,
+) -> int:
+    """Run the policies side by side and print the table, decisions and targets.
+
+    The exit status is non-zero when any request failed."""
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    rows = asyncio.run(run_policies(policies, requests, setup, log=None if quiet else log))
+    print(table(rows))
+    print()
+    print(decisions(rows))
+    warning = lateness_warning(rows, setup.time_scale)
+    if warning:
+        print(warning)
+    for line in targets(rows):
+        print(line)
+    print(f"\ndone in {time.monotonic() - started:.0f} s")
+    return 0 if all(r.errors == 0 for r in rows) else 1

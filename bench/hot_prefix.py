@@ -17,7 +17,6 @@ Everything else (emulator, gateway, policies, columns) is as in ``bench.replay``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import random
 import sys
@@ -33,12 +32,9 @@ from bench.common import (
     Row,
     Setup,
     TraceRequest,
-    decisions,
-    lateness_warning,
     limits_for,
     peak_minute,
-    run_policies,
-    table,
+    run_and_report,
 )
 
 DEFAULT_TIME_SCALE = 30.0
@@ -218,20 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(describe(requests, hot, limits, args.load), flush=True)
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    rows = asyncio.run(run_policies(policies, requests, setup, log=None if args.quiet else log))
-    print(table(rows))
-    print()
-    print(decisions(rows))
-    warning = lateness_warning(rows, args.time_scale)
-    if warning:
-        print(warning)
-    for line in targets(rows):
-        print(line)
-    print(f"\ndone in {time.monotonic() - t0:.0f} s")
-    return 0 if all(r.errors == 0 for r in rows) else 1
+    return run_and_report(policies, requests, setup, targets, quiet=args.quiet, started=t0)
 
 
 if __name__ == "__main__":

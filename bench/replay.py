@@ -23,7 +23,6 @@ every request: the bound); on request, ``random`` (the gateway has no random mod
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -40,13 +39,10 @@ from bench.common import (
     WINDOW_SECONDS,
     Row,
     Setup,
-    decisions,
-    lateness_warning,
     limits_for,
     load_trace,
     peak_minute,
-    run_policies,
-    table,
+    run_and_report,
 )
 
 DEFAULT_TIME_SCALE = 60.0
@@ -149,20 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    rows = asyncio.run(run_policies(policies, requests, setup, log=None if args.quiet else log))
-    print(table(rows))
-    print()
-    print(decisions(rows))
-    warning = lateness_warning(rows, args.time_scale)
-    if warning:
-        print(warning)
-    for line in targets(rows):
-        print(line)
-    print(f"\ndone in {time.monotonic() - t0:.0f} s")
-    return 0 if all(r.errors == 0 for r in rows) else 1
+    return run_and_report(policies, requests, setup, targets, quiet=args.quiet, started=t0)
 
 
 if __name__ == "__main__":
