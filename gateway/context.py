@@ -98,8 +98,8 @@ class RequestContext:
     plan: tuple[Route, ...] = ()  # groups: token group, then fallback groups
     cache_status: str = ""  # response_cache: HIT | MISS | BYPASS; "" when the group has none
     cache_hit: CacheHit | None = None  # response_cache: set on a HIT
-    # Top-level body fields to set before forwarding; one writer per key (metering:
-    # stream_options, pinning: prompt_cache_key). Empty = forward the raw bytes.
+    # Top-level body fields to set before forwarding, one writer per key (pinning:
+    # prompt_cache_key). Empty = forward the raw bytes.
     body_patch: dict[str, Any] = field(default_factory=dict)
 
     fingerprint: Fingerprint | None = None  # prefix

@@ -20,6 +20,14 @@ async def raw_request(gw: GatewayHandle, data: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
+async def post_json(gw: GatewayHandle, body: bytes) -> tuple[int, bytes]:
+    length = str(len(body)).encode()
+    return await raw_request(
+        gw,
+        HEAD + b"Content-Type: application/json\r\nContent-Length: " + length + b"\r\n\r\n" + body,
+    )
+
+
 HEAD = (
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
     b"Authorization: Bearer sk-demo\r\n"
@@ -68,14 +76,7 @@ async def test_chunked_body_over_the_limit_is_413(gateway: GatewayHandle) -> Non
 
 async def test_deep_json_nesting_is_400(gateway: GatewayHandle) -> None:
     body = b'{"model":"gpt-4o-mini","messages":' + b"[" * 5000 + b"]" * 5000 + b"}"
-    status, payload = await raw_request(
-        gateway,
-        HEAD
-        + b"Content-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body,
-    )
+    status, payload = await post_json(gateway, body)
     assert status == 400
     assert orjson.loads(payload)["error"]["type"] == "invalid_request_error"
 
@@ -84,14 +85,7 @@ async def test_too_many_messages_is_400(gateway: GatewayHandle) -> None:
     body = orjson.dumps(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}] * 10_001}
     )
-    status, payload = await raw_request(
-        gateway,
-        HEAD
-        + b"Content-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body,
-    )
+    status, payload = await post_json(gateway, body)
     assert status == 400
     assert b"too many messages" in payload
 
@@ -110,14 +104,7 @@ async def test_upstream_redirect_fields_in_the_body_are_not_honoured(
             "extra_headers": {"authorization": "Bearer sk-attacker"},
         }
     )
-    status, _ = await raw_request(
-        gateway,
-        HEAD
-        + b"Content-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n\r\n"
-        + body,
-    )
+    status, _ = await post_json(gateway, body)
     assert status == 200
     assert emulator.stats()["totals"]["requests"] == before + 1  # it went to our account
     last = emulator.requests()[-1]
