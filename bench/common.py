@@ -15,6 +15,7 @@ is given its cache TTL and window already divided.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -881,3 +882,17 @@ def run_and_report(
         print(line)
     print(f"\ndone in {time.monotonic() - started:.0f} s")
     return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+def checked_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The policies asked for, after the options the benchmarks share are checked; quiets
+    the servers' own logging."""
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        parser.error(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    if args.accounts < 1 or args.time_scale <= 0 or not 0 < args.load <= 1:
+        parser.error("--accounts must be >= 1, --time-scale > 0 and --load in (0, 1]")
+    for name in ("uvicorn", "gateway"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return policies

@@ -17,7 +17,6 @@ Everything else (emulator, gateway, policies, columns) is as in ``bench.replay``
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ from bench.common import (
     Row,
     Setup,
     TraceRequest,
+    checked_args,
     limits_for,
     peak_minute,
     run_and_report,
@@ -194,14 +194,7 @@ def describe(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown or not policies:
-        parser().error(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
-    if args.accounts < 1 or args.time_scale <= 0 or not 0 < args.load <= 1:
-        parser().error("--accounts must be >= 1, --time-scale > 0 and --load in (0, 1]")
-    for name in ("uvicorn", "gateway"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    policies = checked_args(parser(), args)
 
     t0 = time.monotonic()
     requests, hot = workload(minutes=args.minutes, seed=args.seed)

@@ -23,7 +23,6 @@ every request: the bound); on request, ``random`` (the gateway has no random mod
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from bench.common import (
     WINDOW_SECONDS,
     Row,
     Setup,
+    checked_args,
     limits_for,
     load_trace,
     peak_minute,
@@ -110,14 +110,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown or not policies:
-        parser().error(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
-    if args.accounts < 1 or args.time_scale <= 0 or not 0 < args.load <= 1:
-        parser().error("--accounts must be >= 1, --time-scale > 0 and --load in (0, 1]")
-    for name in ("uvicorn", "gateway"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    policies = checked_args(parser(), args)
 
     t0 = time.monotonic()
     requests = load_trace(args.trace, limit=args.limit)
