@@ -30,6 +30,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -57,11 +58,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("direct", "nginx", "asgi-floor", "gateway", "gateway+redis", "litellm")
 HOST = "127.0.0.1"
 
-# The emulated provider: small fixed latency so that a proxy's own cost shows.
-EMULATOR = {
-    "seed": 1,
-    "latency": {"base_ms": 5.0, "prefill_ms_per_1k_uncached": 0.02, "decode_ms_per_token": 0.2},
-    "default_output_tokens": 32,
+# The emulated provider's latency. "paced": a provider that answers at the pace of the
+# reference point (direct calls at ~165 req/s at concurrency 32 on a 2-core machine):
+# 20 ms base, 4 ms per 1k uncached prompt tokens, 200 output tokens/s; still far faster
+# than a real model. "fast": a small fixed latency, so that a proxy's own cost - and its
+# ceiling on one core - shows.
+PROVIDERS: dict[str, dict[str, float]] = {
+    "paced": {"base_ms": 20.0, "prefill_ms_per_1k_uncached": 4.0, "decode_ms_per_token": 5.0},
+    "fast": {"base_ms": 5.0, "prefill_ms_per_1k_uncached": 0.02, "decode_ms_per_token": 0.2},
 }
 OUTPUT_TOKENS = 32
 SYSTEM_WORDS = (2800, 11400)  # with the history: prompts of 20-80 KB
@@ -298,9 +302,15 @@ def _post(url: str) -> None:
         pass
 
 
-def start_emulator(workdir: Path, accounts: int) -> tuple[Service, str]:
+def start_emulator(workdir: Path, accounts: int, provider: str) -> tuple[Service, str]:
     config = workdir / "emulator.yaml"
-    config.write_text(yaml.safe_dump({"accounts": accounts, **EMULATOR}))
+    emulator = {
+        "accounts": accounts,
+        "seed": 1,
+        "latency": PROVIDERS[provider],
+        "default_output_tokens": OUTPUT_TOKENS,
+    }
+    config.write_text(yaml.safe_dump(emulator))
     port = free_port()
     url = f"http://{HOST}:{port}"
     service = Service(
@@ -540,7 +550,8 @@ def start_litellm(
 class Sample:
     ok: bool
     latency: float  # seconds from sending to the last byte
-    ttft: float | None  # streams: seconds to the first body byte
+    ttft: float | None  # streams: seconds to the first event that carries output text
+    ttfb: float | None = None  # streams: seconds to the first body byte
     status: int = 0
     detail: str = ""  # a failure: what went wrong, in short
 
@@ -555,12 +566,15 @@ async def _one(session: aiohttp.ClientSession, base: str, request: Request, key:
         headers["anthropic-version"] = ANTHROPIC_VERSION
     t0 = time.perf_counter()
     first: float | None = None
+    token: float | None = None
     try:
         async with session.post(base + request.path, data=request.body, headers=headers) as r:
             parts = []
             async for chunk in r.content.iter_any():
                 if first is None:
                     first = time.perf_counter()
+                if token is None and _TOKEN.search(chunk):
+                    token = time.perf_counter()
                 parts.append(chunk)
             status = r.status
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -568,9 +582,15 @@ async def _one(session: aiohttp.ClientSession, base: str, request: Request, key:
     latency = time.perf_counter() - t0
     body = b"".join(parts)
     ok = status == 200 and _complete(request, body)
-    ttft = first - t0 if request.stream and first is not None else None
+    ttft = token - t0 if request.stream and token is not None else None
+    ttfb = first - t0 if request.stream and first is not None else None
     detail = "" if ok else f"{request.path} stream={request.stream}: {body[-160:]!r}"
-    return Sample(ok, latency, ttft, status, detail)
+    return Sample(ok, latency, ttft, ttfb, status, detail)
+
+
+# An event with output text: an OpenAI delta with non-empty content, an Anthropic
+# content_block_delta. The preamble before it (role, message_start) carries no token.
+_TOKEN = re.compile(rb'"content":"[^"]|"content_block_delta"')
 
 
 def _complete(request: Request, body: bytes) -> bool:
@@ -657,6 +677,39 @@ class Options:
     timeout: float = 300.0
     litellm_venv: Path = field(default_factory=default_litellm_venv)
     install: bool = True
+    provider: str = "paced"
+    profile: Path | None = None  # py-spy raw samples of each proxy run go in this directory
+
+
+@contextlib.contextmanager
+def _profiled(directory: Path | None, service: Service | None, name: str) -> Iterator[None]:
+    """py-spy samples of the proxy process while the body runs (raw format, 200 Hz)."""
+    if directory is None or service is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    beside = Path(sys.executable).parent / "py-spy"
+    spy = subprocess.Popen(
+        [
+            *(
+                str(beside) if beside.exists() else "py-spy",
+                "record",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "-r",
+                "200",
+            ),
+            *("--pid", str(service.pid), "-o", str(directory / f"{name}.txt")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
 
 
 def start_hop(row: str, workdir: Path, emulator_url: str, opts: Options) -> Hop:
@@ -679,7 +732,7 @@ async def measure(
     result = Measurement(row, concurrency, repeat)
     with tempfile.TemporaryDirectory(prefix="ag-overhead-") as tmp:
         workdir = Path(tmp)
-        emulator, emulator_url = start_emulator(workdir, opts.accounts)
+        emulator, emulator_url = start_emulator(workdir, opts.accounts, opts.provider)
         hop: Hop | None = None
         try:
             try:
@@ -702,9 +755,10 @@ async def measure(
             before = {name: cpu_seconds(t) for name, t in trees.items()}
             emulator_before = cpu_seconds(emulator_tree)
             client_before = _own_cpu()
-            result.samples, result.seconds = await drive(
-                hop.url, requests, hop.key, concurrency, opts.timeout
-            )
+            with _profiled(opts.profile, hop.measured, f"{row}-c{concurrency}-r{repeat + 1}"):
+                result.samples, result.seconds = await drive(
+                    hop.url, requests, hop.key, concurrency, opts.timeout
+                )
             result.client_cpu_seconds = _own_cpu() - client_before
             after = {name: cpu_seconds(t) for name, t in trees.items()}
             result.emulator_cpu_seconds = cpu_seconds(emulator_tree) - emulator_before
@@ -754,8 +808,10 @@ class Summary:
     added_p50_ms: float = math.nan  # quantile of this row minus the same quantile direct
     added_p99_ms: float = math.nan
     paired_p50_ms: float = math.nan  # median of per-request differences, same request
-    ttft_p50_ms: float = math.nan  # streams: time to the first body byte
+    ttft_p50_ms: float = math.nan  # streams: time to the first output token
     added_ttft_p50_ms: float = math.nan
+    ttfb_p50_ms: float = math.nan  # streams: time to the first body byte
+    added_ttfb_p50_ms: float = math.nan
     cpu_ms: float = math.nan  # proxy CPU per request
     aux_cpu_ms: float = math.nan
     emulator_cpu_ms: float = math.nan
@@ -768,12 +824,14 @@ class Summary:
 def _per_repeat(m: Measurement, direct: Measurement | None) -> dict[str, float]:
     lat = [s.latency for s in m.samples if s.ok]
     ttft = [s.ttft for s in m.samples if s.ok and s.ttft is not None]
+    ttfb = [s.ttfb for s in m.samples if s.ok and s.ttfb is not None]
     n = len(m.samples) or 1
     out = {
         "throughput": m.throughput,
         "p50_ms": _quantile(lat, 0.5) * 1000,
         "p99_ms": _quantile(lat, 0.99) * 1000,
         "ttft_p50_ms": _quantile(ttft, 0.5) * 1000,
+        "ttfb_p50_ms": _quantile(ttfb, 0.5) * 1000,
         "cpu_ms": m.cpu_seconds / n * 1000 if m.cpu_seconds is not None else math.nan,
         "aux_cpu_ms": m.aux_cpu_seconds / n * 1000 if m.aux_cpu_seconds is not None else math.nan,
         "emulator_cpu_ms": m.emulator_cpu_seconds / n * 1000,
@@ -787,6 +845,7 @@ def _per_repeat(m: Measurement, direct: Measurement | None) -> dict[str, float]:
         out["added_p50_ms"] = out["p50_ms"] - base["p50_ms"]
         out["added_p99_ms"] = out["p99_ms"] - base["p99_ms"]
         out["added_ttft_p50_ms"] = out["ttft_p50_ms"] - base["ttft_p50_ms"]
+        out["added_ttfb_p50_ms"] = out["ttfb_p50_ms"] - base["ttfb_p50_ms"]
         pairs = [
             (a.latency - b.latency) * 1000
             for a, b in zip(m.samples, direct.samples, strict=True)
@@ -828,7 +887,7 @@ def _f(value: float, fmt: str) -> str:
 def table(summaries: Sequence[Summary], concurrency: int) -> str:
     headers = [
         "row", "req/s", "x direct", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "paired +p50",
-        "+TTFT p50", "CPU ms/req", "peak RSS MB", "cache hit", "failed",
+        "+TTFT p50", "+TTFB p50", "CPU ms/req", "peak RSS MB", "cache hit", "failed",
     ]  # fmt: skip
     rows: list[list[object]] = []
     for s in summaries:
@@ -848,6 +907,7 @@ def table(summaries: Sequence[Summary], concurrency: int) -> str:
                 _f(s.added_p99_ms, "+.1f"),
                 _f(s.paired_p50_ms, "+.2f"),
                 _f(s.added_ttft_p50_ms, "+.2f"),
+                _f(s.added_ttfb_p50_ms, "+.2f"),
                 _f(s.cpu_ms, ".2f"),
                 _f(s.peak_rss_mb, ".0f"),
                 _f(s.hit_rate, ".1%"),
@@ -1029,10 +1089,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None,
     p.add_argument("--repeat", type=int, default=3, help="measurements per cell; medians shown")
     p.add_argument("--rows", type=_rows, default=ROWS, help=f"subset of {','.join(ROWS)}")
     p.add_argument("--accounts", type=int, default=4, help="emulated provider accounts")
+    p.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        default="paced",
+        help="the emulator's latency profile (default paced: the issue's reference pace)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement, at most")
     p.add_argument("--litellm-venv", type=Path, default=default_litellm_venv())
     p.add_argument("--no-install", action="store_true", help="never pip-install LiteLLM")
     p.add_argument("--json", type=Path, default=None, help="write every figure here too")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="record each proxy run with py-spy (raw samples) into DIR",
+    )
     p.add_argument(
         "--footprint",
         type=int,
@@ -1052,6 +1125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None,
         timeout=a.timeout,
         litellm_venv=a.litellm_venv,
         install=not a.no_install,
+        provider=a.provider,
+        profile=a.profile,
     )
     return opts, a.json, a.footprint
 
@@ -1083,23 +1158,28 @@ async def run(opts: Options, progress: TextIO = sys.stderr) -> list[Measurement]
     return out
 
 
-def describe(requests: Sequence[Request]) -> str:
+def describe(requests: Sequence[Request], provider: str) -> str:
     sizes = sorted(len(r.body) for r in requests)
     streams = sum(r.stream for r in requests)
     anthropic = sum(r.path == "/v1/messages" for r in requests)
     tenants = len({r.tenant for r in requests})
+    latency = PROVIDERS[provider]
     return (
         f"{len(requests)} requests, {tenants} tenants, prompts {sizes[0] / 1024:.0f}-"
         f"{sizes[-1] / 1024:.0f} KB (median {sizes[len(sizes) // 2] / 1024:.0f} KB), "
-        f"{streams} streamed, {anthropic} Anthropic /v1/messages; emulator base "
-        f"{EMULATOR['latency']['base_ms']} ms + {EMULATOR['latency']['decode_ms_per_token']} "  # type: ignore[index]
-        f"ms/token x {OUTPUT_TOKENS} tokens"
+        f"{streams} streamed, {anthropic} Anthropic /v1/messages; emulator {provider}: "
+        f"{latency['base_ms']:g} ms + {latency['prefill_ms_per_1k_uncached']:g} ms/1k uncached "
+        f"+ {latency['decode_ms_per_token']:g} ms/token x {OUTPUT_TOKENS} tokens"
     )
 
 
 def report(opts: Options, measurements: Sequence[Measurement]) -> str:
     summaries = summarise(measurements)
-    lines = [describe(workload(opts.requests)), f"medians of {opts.repeat} repeat(s)", ""]
+    lines = [
+        describe(workload(opts.requests), opts.provider),
+        f"medians of {opts.repeat} repeat(s)",
+        "",
+    ]
     for concurrency in opts.concurrency:
         lines += [f"concurrency {concurrency}", table(summaries, concurrency), ""]
     lines += notes(summaries)
@@ -1110,7 +1190,7 @@ def to_json(opts: Options, measurements: Sequence[Measurement]) -> bytes:
     summaries = summarise(measurements)
     doc = {
         "options": {**asdict(opts), "litellm_venv": str(opts.litellm_venv)},
-        "workload": describe(workload(opts.requests)),
+        "workload": describe(workload(opts.requests), opts.provider),
         "summaries": [asdict(s) for s in summaries],
         "measurements": [
             {
@@ -1138,7 +1218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if footprint_prompts:
         print(footprint(footprint_prompts))
         return 0
-    print(f"bench.overhead: {describe(workload(opts.requests))}", file=sys.stderr)
+    print(f"bench.overhead: {describe(workload(opts.requests), opts.provider)}", file=sys.stderr)
     try:
         import uvloop
 
