@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from gateway.keys import hash_key, new_key
 log = logging.getLogger("gateway")
 
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GC_GEN0_THRESHOLD = 10_000  # allocations between young collections (CPython: 700)
 
 
 def _setup_logging(level: str) -> None:
@@ -109,8 +111,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if srv.admin_port is not None:
         # One server, two listeners: the app tells them apart by the port it was reached on.
         sockets.append(listen(srv.admin_host, srv.admin_port))
+    _tune_gc()
     server.run(sockets=sockets)
     return 0
+
+
+def _tune_gc() -> None:
+    """What exists at startup (modules, configuration, pydantic models) lives as long as
+    the process: move it out of the collector's sight, so that full collections walk
+    only what requests made. Requests allocate a few hundred container objects each;
+    a larger first generation collects them in fewer, still short, passes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
