@@ -14,14 +14,27 @@ tickets scored by a deadline, so a crashed replica's requests age out.
 
 from __future__ import annotations
 
+# A chain's pin keys travel as one argument, not one key each (packing and parsing 50
+# keys per call was most of a request's Redis CPU): KEYS[1] is the first pin key, whose
+# hash tag every other key of the chain shares (one slot), and ARGV[1] the chain's block
+# hashes, 16 hex digits each; key(i) rebuilds the i-th key from them.
+_CHAIN = """
+local prefix = string.sub(KEYS[1], 1, -17)
+local chain = ARGV[1]
+local n = #chain / 16
+local function key(i)
+  return prefix .. string.sub(chain, i * 16 - 15, i * 16)
+end
+"""
+
 _PIN_HELPERS = """
 local function live(i, field, now)
-  local e = redis.call('HGET', KEYS[i], field)
+  local e = redis.call('HGET', key(i), field)
   return e and tonumber(e) > now
 end
 local function deepest(field, now)
   if not live(1, field, now) then return 0 end
-  local lo, hi = 1, #KEYS
+  local lo, hi = 1, n
   while lo < hi do
     local mid = math.floor((lo + hi + 1) / 2)
     if live(mid, field, now) then lo = mid else hi = mid - 1 end
@@ -30,21 +43,22 @@ local function deepest(field, now)
 end
 """
 
-# KEYS: pin keys of blocks pin_from.. ; ARGV: now_ms, tau_ms, domain...
+# KEYS: the first pin key ; ARGV: chain, now_ms, tau_ms, domain...
 # -> {root rate (string), shared offset, deepest live offset per domain} (offsets 1-based, 0 none)
 PINS_READ = (
-    _PIN_HELPERS
+    _CHAIN
+    + _PIN_HELPERS
     + """
-local now, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, tau = tonumber(ARGV[2]), tonumber(ARGV[3])
 local function rate(i)
-  local v = redis.call('HMGET', KEYS[i], '_n', '_t')
+  local v = redis.call('HMGET', key(i), '_n', '_t')
   if not v[1] then return 0 end
   return tonumber(v[1]) * math.exp((tonumber(v[2]) - now) / tau)
 end
 local root_rate = rate(1)
 local shared = 0
 if root_rate > 0 then
-  local lo, hi, floor = 1, #KEYS, root_rate / 2
+  local lo, hi, floor = 1, n, root_rate / 2
   while lo < hi do
     local mid = math.floor((lo + hi + 1) / 2)
     if rate(mid) >= floor then lo = mid else hi = mid - 1 end
@@ -52,20 +66,22 @@ if root_rate > 0 then
   shared = lo
 end
 local out = {string.format('%.17g', root_rate), shared}
-for j = 3, #ARGV do
-  out[j] = deepest('d:' .. ARGV[j], now)
+for j = 4, #ARGV do
+  out[j - 1] = deepest('d:' .. ARGV[j], now)
 end
 return out
 """
 )
 
-# KEYS: pin keys of blocks pin_from.. ; ARGV: now_ms, tau_ms, domain, expires_ms
+# KEYS: the first pin key ; ARGV: chain, now_ms, tau_ms, domain, expires_ms
 # Deepest first, like the in-process index: a shallower block never expires first.
-PINS_BEGIN = """
-local now, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
-local field, expires = 'd:' .. ARGV[3], tonumber(ARGV[4])
-for i = #KEYS, 1, -1 do
-  local key = KEYS[i]
+PINS_BEGIN = (
+    _CHAIN
+    + """
+local now, tau = tonumber(ARGV[2]), tonumber(ARGV[3])
+local field, expires = 'd:' .. ARGV[4], tonumber(ARGV[5])
+for i = n, 1, -1 do
+  local key = key(i)
   local cur = redis.call('HMGET', key, field, '_n', '_t')
   local count = 1
   if cur[2] then
@@ -80,17 +96,21 @@ for i = #KEYS, 1, -1 do
     redis.call('PEXPIREAT', key, expires)
   end
 end
-return #KEYS
+return n
 """
+)
 
-# KEYS: pin keys ; ARGV: domain
-PINS_DROP = """
-local field = 'd:' .. ARGV[1]
-for i = 1, #KEYS do
-  redis.call('HDEL', KEYS[i], field)
+# KEYS: the first pin key ; ARGV: chain, domain
+PINS_DROP = (
+    _CHAIN
+    + """
+local field = 'd:' .. ARGV[2]
+for i = 1, n do
+  redis.call('HDEL', key(i), field)
 end
-return #KEYS
+return n
 """
+)
 
 _ROLL = """
 local function roll(key, epoch, slots)

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import math
+import struct
 import time
 import uuid
 from collections import OrderedDict
@@ -106,10 +107,19 @@ class RedisState:
 
     # --- keys -------------------------------------------------------------------------
 
+    def _pin_chain(self, fp: Fingerprint) -> tuple[list[str], str]:
+        """The pin scripts' KEYS (the first pin key, whose hash tag the chain shares) and
+        their first argument (the chain's block hashes, 16 hex digits each)."""
+        hashes = fp.hashes[fp.pin_from :]
+        chain = struct.pack(f">{len(hashes)}Q", *hashes).hex()
+        first = chain[:16]
+        return [f"{self.key_prefix}:{{{first}}}:p:{first}"], chain
+
     def _pin_keys(self, fp: Fingerprint) -> list[str]:
-        hashes = fp.hashes
-        prefix = f"{self.key_prefix}:{{{hashes[fp.pin_from]:016x}}}:p:"
-        return [f"{prefix}{hashes[i]:016x}" for i in range(fp.pin_from, len(hashes))]
+        """Every pin key of the chain, as the scripts build them."""
+        (first,), chain = self._pin_chain(fp)
+        prefix = first[:-16]
+        return [prefix + chain[i : i + 16] for i in range(0, len(chain), 16)]
 
     def _window_keys(self, account: str) -> tuple[str, str]:
         base = f"{self.key_prefix}:{{a:{account}}}"
@@ -178,7 +188,8 @@ class RedisState:
         calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
         if has_pins:
             tau_ms = _ms(self.window_seconds)
-            calls.append(("PINS_READ", self._pin_keys(fp), (now_ms, tau_ms, *domains)))
+            keys, chain = self._pin_chain(fp)
+            calls.append(("PINS_READ", keys, (chain, now_ms, tau_ms, *domains)))
         window_args = (now_ms, bucket_ms, slots)
         calls.extend(("WINDOW_READ", self._window_keys(a.name), window_args) for a in accounts)
 
@@ -270,8 +281,9 @@ class RedisState:
         ]
         if fp.pin_from < len(fp.hashes):
             ttl = ttl_seconds if ttl_seconds is not None else (fp.cache_ttl or self.ttl_seconds)
-            args = (now_ms, _ms(self.window_seconds), account.cache_domain, _ms(now + ttl))
-            calls.append(("PINS_BEGIN", self._pin_keys(fp), args))
+            keys, chain = self._pin_chain(fp)
+            args = (chain, now_ms, _ms(self.window_seconds), account.cache_domain, _ms(now + ttl))
+            calls.append(("PINS_BEGIN", keys, args))
         await self._guarded(lambda: self._pipeline(calls))
 
     async def end(self, account: AccountSpec, fp: Fingerprint, result: Outcome, now: float) -> None:
@@ -292,7 +304,8 @@ class RedisState:
             )
             calls.append(("WINDOW_END", self._window_keys(account.name), args))
         if should_unpin(fp, result):
-            calls.append(("PINS_DROP", self._pin_keys(fp), (account.cache_domain,)))
+            keys, chain = self._pin_chain(fp)
+            calls.append(("PINS_DROP", keys, (chain, account.cache_domain)))
         if calls:
             await self._guarded(lambda: self._pipeline(calls))
 

@@ -256,3 +256,28 @@ async def test_killed_redis_falls_back_and_restart_recovers(
         assert state.errors_total >= 1
     finally:
         await state.aclose()
+
+
+async def test_scripts_write_the_keys_the_chain_names(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    # The scripts rebuild every pin key from one argument; the names are the block hashes
+    # in 16 hex digits, leading zeros kept, under the chain's first key's hash tag.
+    fp = replace(FP, hashes=(*FP.hashes[:-2], 1, 2**64 - 1))
+    state = RedisState(redis_server.url, key_prefix=prefix)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await state.begin(A, fp, DEMAND, state.now())
+        written = {k.decode() for k in await raw.keys(f"{prefix}:{{*}}:p:*")}
+        tag = f"{fp.hashes[fp.pin_from]:016x}"
+        named = {f"{prefix}:{{{tag}}}:p:{h:016x}" for h in fp.hashes[fp.pin_from :]}
+        assert written == named == set(state._pin_keys(fp))
+        assert f"{prefix}:{{{tag}}}:p:0000000000000001" in written
+        field = b"d:" + A.cache_domain.encode()
+        assert all([field in await raw.hkeys(k) for k in written])
+        # A cache hit expected and not there: the provider lost the prefix, drop the pins.
+        await state.end(A, fp, ok(fp, expected_cached_tokens=fp.tokens[-1]), state.now())
+        assert not any([field in await raw.hkeys(k) for k in written])
+    finally:
+        await raw.aclose()
+        await state.aclose()
