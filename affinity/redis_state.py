@@ -41,6 +41,7 @@ from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, Snapshot
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Call = tuple[str, Sequence[str], Sequence[Any]]  # script name, keys, arguments
 _SCRIPTS = {
     name: getattr(redis_scripts, name)
     for name in (
@@ -91,6 +92,10 @@ class RedisState:
         self._replica = uuid.uuid4().hex[:12]
         self._tickets = itertools.count()
         self.breaker = CircuitBreaker(cooldown=cooldown)
+        # Ends not sent yet: they ride on the next snapshot's or begin's round trip, or a
+        # flush of their own when no other call comes first.
+        self._ends: list[_Call] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.fallbacks_total = 0  # calls answered from local state
         self.errors_total = 0  # Redis errors and timeouts
 
@@ -136,10 +141,16 @@ class RedisState:
             pipe.script_load(source)
         self._shas = dict(zip(_SCRIPTS, await pipe.execute(), strict=True))
 
-    async def _pipeline(
-        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
-    ) -> list[Any]:
-        """One round trip of EVALSHAs; scripts are (re)loaded when the server lacks them."""
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        """One round trip of EVALSHAs, after any ends still pending (their replies are
+        dropped); scripts are (re)loaded when the server lacks them."""
+        if self._ends:
+            pending, self._ends = self._ends, []
+            replies = await self._pipeline_now([*pending, *calls])
+            return replies[len(pending) :]
+        return await self._pipeline_now(calls)
+
+    async def _pipeline_now(self, calls: Sequence[_Call]) -> list[Any]:
         for attempt in range(2):
             if not self._shas:
                 await self._load_scripts()
@@ -185,7 +196,7 @@ class RedisState:
         domains = list(dict.fromkeys(a.cache_domain for a in accounts))
         has_pins = fp.pin_from < len(fp.hashes)
         now_ms, bucket_ms, slots = self._window_args(now)
-        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        calls: list[_Call] = []
         if has_pins:
             tau_ms = _ms(self.window_seconds)
             keys, chain = self._pin_chain(fp)
@@ -263,7 +274,7 @@ class RedisState:
         now_ms, bucket_ms, slots = self._window_args(now)
         deadline_ms = _ms(now + self.max_request_seconds)
         key_ttl_ms = _ms(self.max_request_seconds + 2 * self.window_seconds)
-        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = [
+        calls: list[_Call] = [
             (
                 "WINDOW_BEGIN",
                 self._window_keys(account.name),
@@ -287,8 +298,10 @@ class RedisState:
         await self._guarded(lambda: self._pipeline(calls))
 
     async def end(self, account: AccountSpec, fp: Fingerprint, result: Outcome, now: float) -> None:
+        """Counted locally at once; sent to Redis with the next call of this replica (the
+        request that ends waits for no round trip)."""
         self._local.end_now(account, fp, result, now)
-        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        calls: list[_Call] = []
         admitted = self._ledger.pop(account.name, fp)
         if admitted is not None:
             now_ms, bucket_ms, slots = self._window_args(now)
@@ -306,8 +319,25 @@ class RedisState:
         if should_unpin(fp, result):
             keys, chain = self._pin_chain(fp)
             calls.append(("PINS_DROP", keys, (chain, account.cache_domain)))
-        if calls:
-            await self._guarded(lambda: self._pipeline(calls))
+        if not calls:
+            return
+        if self.breaker.open:  # Redis is away: the local state has it, Redis ages it out
+            self.fallbacks_total += 1
+            return
+        self._ends.extend(calls)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def flush(self) -> None:
+        """Send the pending ends now (when no snapshot or begin has taken them)."""
+        if self._ends:
+            await self._guarded(lambda: self._pipeline([]))
+
+    async def _flush_soon(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            self._flusher = None
 
     def observe_headers(
         self,
@@ -322,6 +352,9 @@ class RedisState:
         )
 
     async def aclose(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
+        await self.flush()
         try:
             await self._redis.aclose()
         except (RedisError, OSError) as exc:

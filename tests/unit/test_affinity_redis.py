@@ -97,7 +97,12 @@ async def test_replicas_share_pins_and_windows(replicas: list[RedisState]) -> No
     assert seen.matched == {"a": 8 * BLOCK, "a2": 8 * BLOCK}
     assert loads(seen)["a"] == (1, 4096, 300, 1)
     await one.end(A, FP, ok(FP, input_tokens=4000, output_tokens=120), now + 1)
-    seen = await two.snapshot(ACCOUNTS, FP, now + 1)
+    # The end goes out by itself soon after (no further call of replica one needed).
+    for _ in range(100):
+        seen = await two.snapshot(ACCOUNTS, FP, now + 1)
+        if loads(seen)["a"][3] == 0:
+            break
+        await asyncio.sleep(0.01)
     assert loads(seen)["a"] == (1, 4000, 120, 0)
     assert one.fallbacks_total == two.fallbacks_total == 0
 
@@ -158,8 +163,15 @@ async def test_one_snapshot_is_one_round_trip(
     assert snapshot.matched == {"a": 8 * BLOCK}
     assert len(sent) == 1
     await state.begin(B, FP, DEMAND, state.now())
+    assert len(sent) == 2
+    # An end waits for no round trip: it rides on the next call (or a flush of its own).
     await state.end(B, FP, ok(FP, expected_cached_tokens=4096), state.now())
+    assert len(sent) == 2
+    snapshot = await state.snapshot([A, B], FP, state.now())
     assert len(sent) == 3
+    assert loads(snapshot)["b"][3] == 0  # the end was applied before the read
+    await state.flush()
+    assert len(sent) == 3  # nothing was left to send
 
 
 def test_keys_of_one_script_share_a_slot(redis_server: RedisServer) -> None:
@@ -199,6 +211,7 @@ async def test_correction_drops_shared_pins(replicas: list[RedisState]) -> None:
     await one.begin(A, FP, DEMAND, now)
     await two.begin(B, FP, DEMAND, now)
     await one.end(A, FP, ok(FP, expected_cached_tokens=4096), now)
+    await one.flush()
     assert (await two.snapshot(ACCOUNTS, FP, now)).matched == {"b": 4096}
 
 
@@ -277,6 +290,7 @@ async def test_scripts_write_the_keys_the_chain_names(
         assert all([field in await raw.hkeys(k) for k in written])
         # A cache hit expected and not there: the provider lost the prefix, drop the pins.
         await state.end(A, fp, ok(fp, expected_cached_tokens=fp.tokens[-1]), state.now())
+        await state.flush()
         assert not any([field in await raw.hkeys(k) for k in written])
     finally:
         await raw.aclose()
