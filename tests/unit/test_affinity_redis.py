@@ -295,3 +295,20 @@ async def test_scripts_write_the_keys_the_chain_names(
     finally:
         await raw.aclose()
         await state.aclose()
+
+
+async def test_scripts_flushed_on_the_server_are_loaded_again(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    state = RedisState(redis_server.url, key_prefix=prefix)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await state.begin(A, FP, DEMAND, state.now())
+        await raw.script_flush()  # what a restarted, empty server looks like
+        snapshot = await state.snapshot([A, B], FP, state.now())
+        assert snapshot.matched == {"a": 8 * BLOCK}
+        assert loads(snapshot)["a"] == (1, 4096, 300, 1)
+        assert state.fallbacks_total == state.errors_total == 0
+    finally:
+        await raw.aclose()
+        await state.aclose()
