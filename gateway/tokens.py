@@ -74,7 +74,7 @@ class TokenStore(Protocol):
     async def put(self, spec: TokenSpec) -> None: ...
     async def delete(self, name: str) -> bool: ...
     async def all(self) -> dict[str, TokenSpec]: ...
-    async def add_spend(self, token: str, usd: float, day: str, month: str) -> None: ...
+    async def add_spend(self, spent: Mapping[str, float], day: str, month: str) -> None: ...
     async def spend(self, day: str, month: str) -> dict[str, tuple[float, float]]: ...
     async def aclose(self) -> None: ...
 
@@ -93,9 +93,10 @@ class MemoryTokenStore:
     async def all(self) -> dict[str, TokenSpec]:
         return dict(self._specs)
 
-    async def add_spend(self, token: str, usd: float, day: str, month: str) -> None:
-        for period in (day, month):
-            self._spend[token, period] = self._spend.get((token, period), 0.0) + usd
+    async def add_spend(self, spent: Mapping[str, float], day: str, month: str) -> None:
+        for token, usd in spent.items():
+            for period in (day, month):
+                self._spend[token, period] = self._spend.get((token, period), 0.0) + usd
 
     async def spend(self, day: str, month: str) -> dict[str, tuple[float, float]]:
         tokens = {t for t, _ in self._spend}
@@ -130,11 +131,12 @@ class RedisTokenStore:
             for k, v in raw.items()
         }
 
-    async def add_spend(self, token: str, usd: float, day: str, month: str) -> None:
+    async def add_spend(self, spent: Mapping[str, float], day: str, month: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for period, ttl in ((day, 3 * 86400), (month, 70 * 86400)):
             key = f"{self._spend_prefix}:{period}"
-            pipe.hincrbyfloat(key, token, usd)
+            for token, usd in spent.items():
+                pipe.hincrbyfloat(key, token, usd)
             pipe.expire(key, ttl)
         await pipe.execute()
 
@@ -154,6 +156,11 @@ class RedisTokenStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+# Spend is added to the shared store in batches: one round trip per this many seconds,
+# not one per request. Other replicas read it with their token refresh anyway.
+SHARE_DELAY = 0.25
 
 
 def periods(now: float | None = None) -> tuple[str, str]:
@@ -179,6 +186,8 @@ class Tokens:
         self.store = store
         self.refresh_seconds = refresh_seconds
         self._spent: dict[str, tuple[float, float]] = {}
+        self._unshared: dict[str, float] = {}  # counted here, not yet added to the store
+        self._sharing: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def digest(self, key: bytes) -> bytes:
@@ -199,14 +208,34 @@ class Tokens:
         return None
 
     async def spent(self, token: str, usd: float) -> None:
+        """Counted here at once (this replica refuses an exhausted token from now on);
+        added to the shared store with whatever else is spent within SHARE_DELAY."""
         if usd <= 0:
             return
         day, month = self._spent.get(token, (0.0, 0.0))
         self._spent[token] = (day + usd, month + usd)
+        self._unshared[token] = self._unshared.get(token, 0.0) + usd
+        if self._sharing is None:
+            self._sharing = asyncio.get_running_loop().create_task(self._share_soon())
+
+    async def _share_soon(self) -> None:
         try:
-            await self.store.add_spend(token, usd, *periods())
-        except Exception as exc:  # counted locally; shared on the next success
+            await asyncio.sleep(SHARE_DELAY)
+            await self.share()
+        finally:
+            self._sharing = None
+
+    async def share(self) -> None:
+        """Add what was spent here since the last share to the store, in one call."""
+        pending, self._unshared = self._unshared, {}
+        if not pending:
+            return
+        try:
+            await self.store.add_spend(pending, *periods())
+        except Exception as exc:  # counted locally; shared with the next batch
             log.warning("token spend not shared (%s)", type(exc).__name__)
+            for token, usd in pending.items():
+                self._unshared[token] = self._unshared.get(token, 0.0) + usd
 
     def reconfigure(self, secret: str, configured: Mapping[str, Principal]) -> None:
         self._secret = secret.encode()
@@ -246,6 +275,11 @@ class Tokens:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._sharing is not None:
+            self._sharing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sharing
+        await self.share()
         await self.store.aclose()
 
     # Admin operations -----------------------------------------------------------------
