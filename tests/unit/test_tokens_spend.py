@@ -10,7 +10,7 @@ import pytest
 
 from gateway import tokens
 from gateway.tokens import MemoryTokenStore, RedisTokenStore, Tokens, TokenSpec, periods
-from tests.unit.conftest_affinity import RedisServer
+from tests.conftest import RedisServer
 
 SECRET = "s" * 32
 TIGHT = TokenSpec(name="tight", key_hash="00", group="default", budget_usd_day=1.0).principal()
