@@ -72,7 +72,7 @@ SYSTEM_WORDS = (2800, 11400)  # with the history: prompts of 20-80 KB
 ANTHROPIC_SHARE = 0.25
 SESSIONS_PER_APP = 3
 TURNS = 4
-WARMUP_REQUESTS = 16
+WARMUP_REQUESTS = 16  # at least; and two per worker, so every pool is warm at the run's width
 LITELLM_KEY = "sk-bench-litellm"
 ANTHROPIC_VERSION = "2023-06-01"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -741,7 +741,11 @@ async def measure(
                 result.unavailable = str(exc)
                 return result
             warm, _ = await drive(
-                hop.url, warmup_requests(WARMUP_REQUESTS), hop.key, min(concurrency, 8), 60
+                hop.url,
+                warmup_requests(max(WARMUP_REQUESTS, 2 * concurrency)),
+                hop.key,
+                concurrency,
+                60,
             )
             bad = [s for s in warm if not s.ok]
             if bad:
