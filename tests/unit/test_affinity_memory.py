@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 
 import pytest
@@ -233,3 +234,20 @@ async def test_one_block_cached_in_several_domains() -> None:
     assert matched(state, FP) == {"b": 8 * BLOCK}
     await state.end(B, FP, ok(FP, expected_cached_tokens=4096), clock.t)
     assert matched(state, FP) == {}
+
+
+async def test_the_pin_index_is_nothing_the_garbage_collector_walks() -> None:
+    # A full collection costs per tracked object; a million pins must not be a million
+    # objects to walk (latency spikes at every full collection).
+    clock = Clock()
+    state = MemoryState(clock=clock)
+    B2 = AccountSpec("b2", cache_domain="b")
+    for i in range(50):
+        await state.begin(A, chain(i, 2, 3, 4, 5, 6), DEMAND, clock.t)
+    await state.begin(B2, chain(7, 2, 3, 4, 5, 6), DEMAND, clock.t)  # a second domain too
+    gc.collect()
+    pins = state._pins
+    assert state.pin_count() >= 50
+    assert not any(gc.is_tracked(d) for d in (pins.domain, pins.rate, pins.rate_at))
+    assert all(not gc.is_tracked(v) for v in pins.expires.values())
+    assert matched(state, chain(7, 2, 3, 4, 5, 6), A, B2) == {"a": 6 * BLOCK, "b2": 6 * BLOCK}
