@@ -22,6 +22,7 @@ raises `StoreUnavailable`; callers decide what that means for the request.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from collections import OrderedDict
@@ -108,11 +109,11 @@ class MemoryBlobs:
         return None
 
 
-def _redis_client(url: str, socket_timeout: float) -> Any:
+def _redis_client(url: str, socket_timeout: float | None, connect_timeout: float) -> Any:
     import redis.asyncio as redis  # only replicated setups need it
 
     return redis.Redis.from_url(
-        url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
     )
 
 
@@ -123,23 +124,29 @@ def _store_errors() -> tuple[type[BaseException], ...]:
 
 
 class RedisBlobs:
-    """One Redis string per blob: ``{prefix}:rc:<hex digest>``, expiring with the entry."""
+    """One Redis string per blob: ``{prefix}:rc:<hex digest>``, expiring with the entry.
+
+    On the request path: each call has one deadline of its own, and the client no socket
+    timeout (redis-py wraps every send in a task of its own when it has one)."""
 
     def __init__(self, url: str, *, prefix: str = "ag", socket_timeout: float = 0.25) -> None:
-        self._redis = _redis_client(url, socket_timeout)
+        self._redis = _redis_client(url, None, socket_timeout)
+        self._timeout = socket_timeout
         self._prefix = f"{prefix}:rc:"
         self._errors = _store_errors()
 
     async def get(self, key: bytes) -> bytes | None:
         try:
-            value: bytes | None = await self._redis.get(self._prefix + key.hex())
+            async with asyncio.timeout(self._timeout):
+                value: bytes | None = await self._redis.get(self._prefix + key.hex())
         except self._errors as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return value
 
     async def put(self, key: bytes, blob: bytes, ttl: float) -> None:
         try:
-            await self._redis.set(self._prefix + key.hex(), blob, px=max(1, int(ttl * 1000)))
+            async with asyncio.timeout(self._timeout):
+                await self._redis.set(self._prefix + key.hex(), blob, px=max(1, int(ttl * 1000)))
         except self._errors as exc:
             raise StoreUnavailable(type(exc).__name__) from None
 
@@ -389,7 +396,7 @@ class RedisKV:
         socket_timeout: float = 0.5,
         clock: Clock = time.time,
     ) -> None:
-        self._redis = _redis_client(url, socket_timeout)
+        self._redis = _redis_client(url, socket_timeout, socket_timeout)
         self._prefix = prefix
         self.clock = clock
         self._errors = _store_errors()
