@@ -30,8 +30,8 @@ class _Pins:
     (rare) in a small dict of their own. ``expires`` is ordered least recently used first.
 
     Plain numbers and strings in dicts, not an object per block: the plain dicts are never
-    tracked by the garbage collector and the ordered one holds no object it must walk, so
-    a full collection costs ~20 ms per million pins instead of ~190 ms.
+    tracked by the garbage collector and the ordered one holds no object it must walk (a
+    full collection over a million pins: 50 ms, against 159 ms with an object per pin).
     """
 
     __slots__ = ("domain", "expires", "others", "rate", "rate_at")

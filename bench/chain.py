@@ -27,13 +27,13 @@ from typing import Any
 from multidict import CIMultiDict, CIMultiDictProxy
 from starlette.types import Message
 
-import gateway.app
-from bench.overhead import ANTHROPIC_VERSION, OUTPUT_TOKENS, Request, workload
+from bench.overhead import ANTHROPIC_VERSION, OUTPUT_TOKENS, Request, complete_answer, workload
 from gateway.app import Gateway
 from gateway.emulator.app import EmulatorApp
 from gateway.emulator.config import LatencySpec, default_config
 from gateway.presets import DEMO_KEY, emulated_config
 from gateway.table import render
+from gateway.upstream import UpstreamApp
 
 EMULATOR_URL = "http://emulator.invalid"
 
@@ -139,7 +139,7 @@ class _Client:
         self.session = session
 
 
-async def _call(app: Gateway, request: Request) -> int:
+async def _call(app: Gateway, request: Request) -> tuple[int, bytes]:
     headers = [
         (b"host", b"gateway"),
         (b"authorization", b"Bearer " + DEMO_KEY.encode()),
@@ -165,7 +165,7 @@ async def _call(app: Gateway, request: Request) -> int:
     }
     delivered = False
     status = 0
-    size = 0
+    body: list[bytes] = []
 
     async def receive() -> Message:
         nonlocal delivered
@@ -175,14 +175,14 @@ async def _call(app: Gateway, request: Request) -> int:
         return {"type": "http.request", "body": request.body, "more_body": False}
 
     async def send(message: Message) -> None:
-        nonlocal status, size
+        nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
         else:
-            size += len(message.get("body", b""))
+            body.append(message.get("body", b""))
 
     await app(scope, receive, send)
-    return status
+    return status, b"".join(body)
 
 
 async def build() -> Gateway:
@@ -196,9 +196,9 @@ async def build() -> Gateway:
     return app
 
 
-def _terminal(app: Gateway) -> gateway.app.UpstreamApp:
+def _terminal(app: Gateway) -> UpstreamApp:
     layer: Any = app.proxy
-    while not isinstance(layer, gateway.app.UpstreamApp):
+    while not isinstance(layer, UpstreamApp):
         layer = layer.app
     return layer
 
@@ -209,16 +209,17 @@ async def run(requests: Sequence[Request], repeat: int, profile: bool) -> list[f
     profiler = cProfile.Profile() if profile else None
     for _ in range(repeat):
         app = await build()
-        for request in requests[:8]:  # record every shape outside the measurement
+        shapes = {(r.path, r.stream): r for r in requests}
+        for request in shapes.values():  # record every shape outside the measurement
             await _call(app, request)
         gc.collect()
         t0 = time.process_time()
         if profiler is not None:
             profiler.enable()
         for request in requests:
-            status = await _call(app, request)
-            if status != 200:
-                raise RuntimeError(f"{request.path}: status {status}")
+            status, body = await _call(app, request)
+            if status != 200 or not complete_answer(request, body):
+                raise RuntimeError(f"{request.path}: status {status}, {body[-160:]!r}")
         if profiler is not None:
             profiler.disable()
         out.append((time.process_time() - t0) / len(requests) * 1e6)

@@ -581,7 +581,7 @@ async def _one(session: aiohttp.ClientSession, base: str, request: Request, key:
         return Sample(False, time.perf_counter() - t0, None, detail=type(exc).__name__)
     latency = time.perf_counter() - t0
     body = b"".join(parts)
-    ok = status == 200 and _complete(request, body)
+    ok = status == 200 and complete_answer(request, body)
     ttft = token - t0 if request.stream and token is not None else None
     ttfb = first - t0 if request.stream and first is not None else None
     detail = "" if ok else f"{request.path} stream={request.stream}: {body[-160:]!r}"
@@ -593,7 +593,7 @@ async def _one(session: aiohttp.ClientSession, base: str, request: Request, key:
 _TOKEN = re.compile(rb'"content":"[^"]|"content_block_delta"')
 
 
-def _complete(request: Request, body: bytes) -> bool:
+def complete_answer(request: Request, body: bytes) -> bool:
     """A whole answer: a stream that reached its end event, or JSON with usage."""
     if request.stream:
         tail = body[-256:]
