@@ -10,7 +10,6 @@ this replica has (at most one refresh behind the others).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway import background
 from gateway.context import Principal
 from gateway.keys import hash_key, new_key
 
@@ -272,13 +272,9 @@ class Tokens:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await background.stop(self._task)
         if self._sharing is not None:
-            self._sharing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sharing
+            await background.stop(self._sharing)
         await self.share()
         await self.store.aclose()
 

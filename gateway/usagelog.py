@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from gateway import background
+
 log = logging.getLogger(__name__)
 
 
@@ -211,9 +213,7 @@ class RedisUsageLog:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await background.stop(self._task)
         # Last chance for what is buffered; bounded so shutdown cannot hang on Redis.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
