@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from affinity.fingerprint import Fingerprint
 from affinity.state import Admitted, HeaderBook, Ledger, counted_input, should_unpin
-from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, Snapshot
+from affinity.types import IDLE, AccountLoad, AccountSpec, Demand, Loads, Outcome, Snapshot
 from affinity.window import SlidingWindow
 
 WINDOW_BUCKETS = 30
@@ -129,6 +129,9 @@ class MemoryState:
     def pin_count(self) -> int:
         return len(self._pins)
 
+    def last_load(self, name: str) -> AccountLoad | None:
+        return self.load_now(name, self.now())  # in process, reading it is cheap
+
     # --- pins -------------------------------------------------------------------------
 
     def _live(self, fp: Fingerprint, index: int, domain: str, now: float) -> bool:
@@ -224,18 +227,21 @@ class MemoryState:
             root = fp.hashes[fp.pin_from]
             if root in self._pins.domain:
                 by_domain = {
-                    domain: self.match(fp, domain, now) for domain in self._pins.live(root, now)
+                    domain: tokens
+                    for domain in self._pins.live(root, now)
+                    if (tokens := self.match(fp, domain, now))
                 }
                 if by_domain:
-                    for account in accounts:
-                        tokens = by_domain.get(account.cache_domain)
-                        if tokens:
-                            matched[account.name] = tokens
+                    matched = {
+                        a.name: by_domain[a.cache_domain]
+                        for a in accounts
+                        if a.cache_domain in by_domain
+                    }
                 # Requests per rate window: the unit the account limits are counted in
                 # (per minute in production; a time-compressed replay scales both alike).
                 root_rate = self._rate(root, now)
                 shared = self._shared_index(fp, root_rate, now)
-        load = self._loads(accounts, now)
+        load = _WindowLoads(self, accounts, now)
         return Snapshot(
             matched=matched,
             load=load,
@@ -244,30 +250,33 @@ class MemoryState:
             window_seconds=self.window_seconds,
         )
 
-    def _loads(self, accounts: Sequence[AccountSpec], now: float) -> dict[str, AccountLoad]:
-        # One loop over locals: this runs for every account of the pool on every request.
+    def load_now(self, name: str, now: float) -> AccountLoad:
+        """One account's window use and latest rate-limit headers."""
+        window = self._windows.get(name)
+        in_flight = self._in_flight.get(name, 0)
+        if window is None:
+            load = AccountLoad(0, 0, 0, in_flight) if in_flight else IDLE
+        else:
+            requests, input_tokens, output_tokens = window.totals(now)
+            load = AccountLoad(requests, input_tokens, output_tokens, in_flight)
+        if self.headers:
+            reading = self.headers.get(name, now)
+            if reading is not None:
+                load = load._replace(
+                    remaining_requests=reading.remaining_requests,
+                    remaining_tokens=reading.remaining_tokens,
+                    reset_in=reading.until - now,
+                )
+        return load
+
+    def input_total_now(self, accounts: Iterable[AccountSpec], now: float) -> float:
         windows = self._windows
-        in_flight = self._in_flight
-        headers = self.headers
-        loads = {}
+        total = 0
         for account in accounts:
-            name = account.name
-            window = windows.get(name)
-            if window is None:
-                load = AccountLoad(0, 0, 0, in_flight.get(name, 0))
-            else:
-                requests, input_tokens, output_tokens = window.totals(now)
-                load = AccountLoad(requests, input_tokens, output_tokens, in_flight.get(name, 0))
-            if headers:
-                reading = headers.get(name, now)
-                if reading is not None:
-                    load = load._replace(
-                        remaining_requests=reading.remaining_requests,
-                        remaining_tokens=reading.remaining_tokens,
-                        reset_in=reading.until - now,
-                    )
-            loads[name] = load
-        return loads
+            window = windows.get(account.name)
+            if window is not None:
+                total += window.totals(now)[1]
+        return total
 
     def _window(self, name: str) -> SlidingWindow:
         window = self._windows.get(name)
@@ -333,3 +342,36 @@ class MemoryState:
 
     async def aclose(self) -> None:
         self._pins.clear()
+
+
+class _WindowLoads(Loads):
+    """The pool's loads as of one decision, each account read on first access.
+
+    A decision reads a handful of accounts (its candidates and any live-match holders)
+    and one pool-wide input total, so a pool of a thousand accounts costs no more than
+    one of ten. Any account name can be read (an account never seen is idle); iteration
+    covers the pool the snapshot was taken for.
+    """
+
+    __slots__ = ("_accounts", "_now", "_read", "_state")
+
+    def __init__(self, state: MemoryState, accounts: Sequence[AccountSpec], now: float) -> None:
+        self._state = state
+        self._accounts = accounts
+        self._now = now
+        self._read: dict[str, AccountLoad] = {}
+
+    def __getitem__(self, name: str) -> AccountLoad:
+        load = self._read.get(name)
+        if load is None:
+            load = self._read[name] = self._state.load_now(name, self._now)
+        return load
+
+    def __iter__(self) -> Iterator[str]:
+        return (account.name for account in self._accounts)
+
+    def __len__(self) -> int:
+        return len(self._accounts)
+
+    def input_total(self, accounts: Iterable[AccountSpec]) -> float:
+        return self._state.input_total_now(accounts, self._now)

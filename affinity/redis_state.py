@@ -90,6 +90,7 @@ class RedisState:
             ttl_seconds=ttl_seconds, window_seconds=window_seconds, max_pins=max_pins, clock=clock
         )
         self._ledger = Ledger()
+        self._read: dict[str, AccountLoad] = {}  # the latest window reading per account
         self._matches: OrderedDict[int, dict[str, int]] = OrderedDict()
         self._replica = uuid.uuid4().hex[:12]
         self._tickets = itertools.count()
@@ -111,6 +112,11 @@ class RedisState:
     def pin_count(self) -> int:
         """Pins this replica knows of (counting shared keys would cost a scan)."""
         return self._local.pin_count()
+
+    def last_load(self, name: str) -> AccountLoad | None:
+        if self.breaker.open:
+            return self._local.last_load(name)
+        return self._read.get(name)
 
     # --- keys -------------------------------------------------------------------------
 
@@ -255,6 +261,7 @@ class RedisState:
             account.name: self._load(account.name, window, now)
             for account, window in zip(accounts, windows, strict=True)
         }
+        self._read.update(load)
         return Snapshot(matched, load, root_rate, shared, self.window_seconds)
 
     def _load(self, name: str, window: Sequence[Any], now: float) -> AccountLoad:

@@ -31,7 +31,7 @@ def score(key: int, account: AccountSpec) -> float:
     # u in (0, 1) from the top 52 bits: the +0.5 keeps both ends out exactly in a double,
     # so ln(u) is finite and negative. A weight of zero (or less) ranks last, yet still in
     # a deterministic order.
-    u = ((_hash(account.name.encode(), key & _MASK) >> 12) + 0.5) * _SCALE
+    u = ((_hash(account.name_bytes, key & _MASK) >> 12) + 0.5) * _SCALE
     return -max(account.weight, _TINY) / _log(u)
 
 
@@ -41,10 +41,10 @@ def rank(key: int, accounts: Sequence[AccountSpec]) -> list[AccountSpec]:
     if not accounts:
         return []
     weight = accounts[0].weight
-    if weight > 0 and all(a.weight == weight for a in accounts):
+    if weight > 0 and len({a.weight for a in accounts}) == 1:
         # Equal weights: the score grows with the hash, so the hash alone orders them
         # (and the logarithm, a third of the cost, is skipped).
-        scores: list[float] | list[int] = [_hash(a.name.encode(), seed) for a in accounts]
+        scores: list[float] | list[int] = [_hash(a.name_bytes, seed) for a in accounts]
     else:
         scores = [score(seed, a) for a in accounts]
     # Sorting indices by a float key is several times cheaper than sorting tuples.

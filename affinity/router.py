@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from affinity.fingerprint import Fingerprint
 from affinity.select import Choice, Mode, Selector
 from affinity.state import AffinityState
-from affinity.types import IDLE, AccountLoad, AccountSpec, Demand, Outcome
+from affinity.types import AccountLoad, AccountSpec, Demand, Outcome
 
 
 class AffinityRouter:
@@ -19,8 +19,6 @@ class AffinityRouter:
         self.state = state
         self.selector = selector
         self.decisions: Counter[str] = Counter()  # reason -> count, for metrics
-        # The latest window reading per account, for utilisation gauges at scrape time.
-        self.loads: dict[str, AccountLoad] = {}
 
     async def choose(
         self,
@@ -33,9 +31,6 @@ class AffinityRouter:
         healthy: Callable[[AccountSpec], bool] | None = None,
     ) -> Choice:
         snap = await self.state.snapshot(accounts, fp, self.state.now())
-        load = snap.load
-        for account in accounts:  # absent means idle: clear what an older reading said
-            self.loads[account.name] = load.get(account.name, IDLE)
         choice = self.selector.choose(
             accounts, fp, demand, snap, mode=mode, token=token, healthy=healthy
         )
@@ -68,6 +63,10 @@ class AffinityRouter:
 
     def pin_count(self) -> int:
         return self.state.pin_count()
+
+    def last_load(self, name: str) -> AccountLoad | None:
+        """An account's window use as last read, for utilisation gauges at scrape time."""
+        return self.state.last_load(name)
 
     async def aclose(self) -> None:
         await self.state.aclose()

@@ -28,7 +28,7 @@ import xxhash
 
 from affinity.fingerprint import Fingerprint
 from affinity.rendezvous import key_of, rank
-from affinity.types import IDLE, AccountLoad, AccountSpec, Demand, Limits, Snapshot
+from affinity.types import IDLE, AccountLoad, AccountSpec, Demand, Limits, Snapshot, input_total
 
 Mode = Literal["prefix", "session", "fixed", "off"]
 REASONS = (
@@ -254,7 +254,7 @@ class Selector:
         load = snap.load
         ceiling = math.inf
         if self.balance is not None:
-            total = sum(load.get(a.name, IDLE).input_tokens for a in pool)
+            total = input_total(load, pool)
             weight = sum(a.weight for a in pool)
             if total > 0 and weight > 0:
                 ceiling = self.balance * total / weight

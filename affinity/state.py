@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from affinity.fingerprint import Fingerprint
-from affinity.types import AccountSpec, Demand, Snapshot
+from affinity.types import AccountLoad, AccountSpec, Demand, Snapshot
 from affinity.types import Outcome as Outcome  # re-exported: the middlewares build it from here
 
 # A rate-limit header without a reset time is trusted this long.
@@ -52,6 +52,10 @@ class AffinityState(Protocol):
     ) -> None: ...
 
     def pin_count(self) -> int: ...
+
+    def last_load(self, name: str) -> AccountLoad | None:
+        """One account's window use as last read (None: never), for gauges at scrape time."""
+        ...
 
     async def aclose(self) -> None: ...
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -26,10 +26,13 @@ class AccountSpec:
     limits: Limits = Limits()
     # Anthropic does not count cache reads against input TPM; most others do.
     itpm_counts_cached: bool = True
+    # The name as bytes, hashed for every account of the pool on every decision.
+    name_bytes: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.cache_domain:
             object.__setattr__(self, "cache_domain", self.name)
+        object.__setattr__(self, "name_bytes", self.name.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +58,8 @@ class Outcome:
 class AccountLoad(NamedTuple):
     """One account's use of its sliding window, plus what its provider last told us.
 
-    A named tuple rather than a frozen dataclass: a snapshot builds one per account of
-    the pool on every request, and a frozen dataclass costs several times more to build.
+    A named tuple rather than a frozen dataclass: one is built per account a decision
+    reads, and a frozen dataclass costs several times more to build.
     """
 
     requests: float = 0.0
@@ -70,6 +73,26 @@ class AccountLoad(NamedTuple):
 
 
 IDLE = AccountLoad()
+
+
+class Loads(Mapping[str, AccountLoad]):
+    """Window use per account, for back-ends that read an account only when asked.
+
+    A decision reads the loads of its few candidates and one pool-wide sum, so a
+    back-end whose windows are in process need not build a load for every account.
+    """
+
+    __slots__ = ()
+
+    def input_total(self, accounts: Iterable[AccountSpec]) -> float:
+        """Window input tokens summed over ``accounts``."""
+        return sum(self.get(a.name, IDLE).input_tokens for a in accounts)
+
+
+def input_total(load: Mapping[str, AccountLoad], accounts: Iterable[AccountSpec]) -> float:
+    if isinstance(load, Loads):
+        return load.input_total(accounts)
+    return sum(load.get(a.name, IDLE).input_tokens for a in accounts)
 
 
 @dataclass(frozen=True, slots=True)

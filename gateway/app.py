@@ -371,12 +371,12 @@ class Gateway:
             yield g
         util = GaugeMetricFamily(
             "gateway_account_window_utilization",
-            "Share of each account limit used in the current window (1 = at the limit), as of"
-            " the last routing decision that read it.",
+            "Share of each account limit used in the current window (1 = at the limit): at"
+            " scrape time with embedded state, as of the last routing decision with Redis.",
             labels=["account", "limit"],
         )
         for name, account in self.accounts.items():
-            load = self.router.loads.get(name)
+            load = self.router.last_load(name)
             if load is None:
                 continue
             lim = account.spec.limits

@@ -61,6 +61,9 @@ class Health:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._accounts = {name: _AccountHealth() for members in pools.values() for name in members}
+        # Accounts not in the "healthy" state: while there are none, routing skips the
+        # per-account availability check.
+        self.troubled: set[str] = set()
         self._pools = {pool: tuple(members) for pool, members in pools.items()}
         self._pool_of: dict[str, list[str]] = {}
         for pool, members in self._pools.items():
@@ -80,6 +83,7 @@ class Health:
         for name in self._accounts:
             if name in previous._accounts:
                 self._accounts[name] = previous._accounts[name]
+        self.troubled = {n for n, h in self._accounts.items() if h.state != "healthy"}
 
     # --- read side: routing and metrics --------------------------------------------------
 
@@ -133,7 +137,7 @@ class Health:
             if h.state == "quarantined" or self.clock() < h.until:
                 return Admission.REFUSED
             if h.state == "cooldown":
-                h.state = "healthy"  # the provider's wait is over; a 429 is no sickness
+                self._set(name, h, "healthy")  # the provider's wait is over; a 429 is no sickness
             elif h.probing:
                 return Admission.REFUSED
             else:
@@ -157,7 +161,7 @@ class Health:
             return  # an answer that started before the verdict does not lift it
         if h.state == "ejected":
             log.info("account %s is healthy again", name)
-            h.state = "healthy"
+            self._set(name, h, "healthy")
         h.ejections = 0
 
     def failed(self, name: str, status: int, retry_after: float | None) -> None:
@@ -174,14 +178,14 @@ class Health:
                     name,
                     status,
                 )
-            h.state = "quarantined"
+            self._set(name, h, "quarantined")
             return
         if h.state == "quarantined":
             return
         if status == 429:
             # The provider says how long; that is a cooldown, not a sign of sickness.
             wait = self.default_cooldown if retry_after is None else retry_after
-            h.state = "cooldown"
+            self._set(name, h, "cooldown")
             h.until = max(h.until, now + min(max(wait, 0.0), self.max_cooldown))
             return
         if status and status < 500:
@@ -199,9 +203,16 @@ class Health:
     def _eject(self, name: str, h: _AccountHealth, now: float) -> None:
         h.ejections += 1
         h.failures = 0
-        h.state = "ejected"
+        self._set(name, h, "ejected")
         h.until = now + min(self.max_ejection, self.base_ejection * 2 ** (h.ejections - 1))
         log.warning("account %s ejected for %.0f s", name, h.until - now)
+
+    def _set(self, name: str, h: _AccountHealth, state: str) -> None:
+        h.state = state
+        if state == "healthy":
+            self.troubled.discard(name)
+        else:
+            self.troubled.add(name)
 
     def _may_eject(self, name: str) -> bool:
         """Never eject past the share of any pool the account is in (panic threshold)."""

@@ -10,11 +10,12 @@ group whose upstream is saturated, with Retry-After.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from affinity.router import AffinityRouter
+from affinity.types import AccountSpec
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import BadRequest, GatewayError, RateLimited, RouteExhausted
 from gateway.health import Health
@@ -24,6 +25,8 @@ from gateway.upstream import Account
 
 # Endpoints where OpenAI takes a cache-routing hint; sent only when the caller did not.
 _CACHE_KEY_ENDPOINTS = frozenset({Endpoint.CHAT})
+
+_Members = tuple[tuple[Account, ...], dict[str, Account], tuple[AccountSpec, ...]]
 
 
 class PinningMiddleware:
@@ -42,15 +45,23 @@ class PinningMiddleware:
         self.owners = owners
         self.health = health
         self.metrics = metrics
-        # (pool, endpoint) -> the accounts that speak it, and their affinity specs.
-        self._members: dict[tuple[str, str], tuple[tuple[Account, ...], dict[str, Account]]] = {}
+        # (pool, endpoint) -> the accounts that speak it, by name, and their affinity specs.
+        self._members: dict[tuple[str, str], _Members] = {}
         for pool, accounts in pools.items():
             for endpoint in Endpoint:
                 members = tuple(a for a in accounts if a.speaks(endpoint.value))
-                self._members[pool, endpoint.value] = (members, {a.name: a for a in members})
+                self._members[pool, endpoint.value] = (
+                    members,
+                    {a.name: a for a in members},
+                    tuple(a.spec for a in members),
+                )
 
-    def _healthy(self, name: str) -> bool:
-        return self.health.available(name)
+    def _healthy(self) -> Callable[[AccountSpec], bool] | None:
+        """The availability filter, or None while every account is healthy."""
+        if not self.health.troubled:
+            return None
+        available = self.health.available
+        return lambda spec: available(spec.name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,15 +79,15 @@ class PinningMiddleware:
         retry_after: float | None = None
         saturated: str | None = None
         for step, route in enumerate(ctx.plan):
-            members, by_name = self._members[route.pool, ctx.endpoint.value]
+            members, by_name, specs = self._members[route.pool, ctx.endpoint.value]
             mode = route.affinity if ctx.fingerprint.hashes else "off"
             choice = await self.router.choose(
-                [a.spec for a in members],
+                specs,
                 ctx.fingerprint,
                 ctx.demand,
                 mode=mode,
                 token=ctx.principal.token,
-                healthy=lambda spec: self._healthy(spec.name),
+                healthy=self._healthy(),
             )
             if not choice.candidates:
                 self.metrics.child(self.metrics.decisions, route.group, "saturated").inc()
@@ -155,7 +166,7 @@ class PinningMiddleware:
             ctx.demand,
             mode="prefix",
             token=ctx.principal.token if ctx.principal else None,
-            healthy=lambda spec: self._healthy(spec.name),
+            healthy=self._healthy(),
         )
         if not choice.candidates:
             self.metrics.child(self.metrics.decisions, route.group, "saturated").inc()

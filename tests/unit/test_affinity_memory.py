@@ -10,7 +10,7 @@ from affinity.memory import MemoryState
 from affinity.router import AffinityRouter
 from affinity.select import Selector
 from affinity.state import Outcome
-from affinity.types import AccountSpec, Demand, Limits
+from affinity.types import IDLE, AccountSpec, Demand, Limits, Loads, input_total
 from affinity.window import SlidingWindow
 from tests.unit.conftest_affinity import BLOCK, Clock, chain
 
@@ -130,6 +130,37 @@ async def test_uncached_input_counts_where_cache_reads_are_free() -> None:
     assert state.snapshot_now([ANTHROPIC], FP, clock.t).load["c"].input_tokens == 4096 + 500
 
 
+async def test_snapshot_reads_each_account_on_demand_and_agrees_with_a_full_read() -> None:
+    clock = Clock()
+    state = MemoryState(clock=clock)
+    pool = [AccountSpec(f"acct-{i}", limits=Limits(itpm=100_000)) for i in range(40)]
+    for i, account in enumerate(pool[:30]):
+        await state.begin(account, chain(i, i, i), Demand(1000 + i, 10), clock.t)
+    state.observe_headers(pool[3], 0, 50, 10.0, clock.t)
+    snap = state.snapshot_now(pool, FP, clock.t)
+    loads = snap.load
+    assert list(loads) == [a.name for a in pool] and len(loads) == 40
+    assert loads["acct-3"].remaining_requests == 0 and loads["acct-3"].reset_in == 10.0
+    assert loads["acct-7"] == state.load_now("acct-7", clock.t)
+    assert loads["acct-7"].input_tokens == 1007
+    assert loads["acct-35"] == IDLE
+    assert loads.get("never-configured", None) == IDLE  # an unseen account is idle
+    full = {name: loads[name] for name in loads}
+    total = sum(1000 + i for i in range(30))
+    assert input_total(loads, pool) == sum(load.input_tokens for load in full.values()) == total
+    # the decision over the lazy view is the decision over the whole pool read up front
+    selector = Selector(balance=1.0)
+    for fp in (FP, chain(3, 3, 3), chain(77, 1)):
+        lazy = selector.choose(pool, fp, DEMAND, snap, mode="prefix")
+        eager = selector.choose(pool, fp, DEMAND, replace(snap, load=full), mode="prefix")
+        assert lazy == eager
+    clock.t += 63  # the windows roll: a later snapshot reads them empty
+    later = state.snapshot_now(pool, FP, clock.t).load
+    assert (
+        isinstance(later, Loads) and input_total(later, pool) == 0 and later["acct-7"].requests == 0
+    )
+
+
 async def test_end_without_begin_leaves_windows_alone() -> None:
     clock = Clock()
     state = MemoryState(clock=clock)
@@ -203,9 +234,12 @@ async def test_router_brackets_requests_and_counts_decisions() -> None:
         8 * BLOCK,
     )
     assert router.decisions == {"rendezvous": 1, "longest_match": 1}
-    # the latest window reading per account, for utilisation gauges
-    assert router.loads[first.candidates[0].name].requests == 1
-    assert {name for name, load in router.loads.items() if load.requests == 0} == {
+    # the window use per account, for utilisation gauges
+    readings = {a.name: router.last_load(a.name) for a in accounts}
+    assert {name for name, load in readings.items() if load and load.requests == 1} == {
+        first.candidates[0].name
+    }
+    assert {name for name, load in readings.items() if load == IDLE} == {
         a.name for a in accounts if a is not first.candidates[0]
     }
     await router.aclose()

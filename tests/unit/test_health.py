@@ -4,6 +4,7 @@ quarantine and concurrency caps, on a fake clock."""
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
 
@@ -190,3 +191,31 @@ def test_concurrency_cap_rejects_at_once_and_frees_on_release() -> None:
     h.release("a0", first)
     assert h.acquire("a0", 2) is Admission.ADMITTED
     assert h.acquire("a1", None) is Admission.ADMITTED  # no cap configured
+
+
+def test_troubled_is_exactly_the_accounts_routing_must_check() -> None:
+    # Routing skips the availability check while `troubled` is empty, so it must hold every
+    # account not in the healthy state after any sequence of verdicts.
+    rng = random.Random(7)
+    h, clock = make(accounts=6, eject_after=2)
+    names = [f"a{i}" for i in range(6)]
+    seen_troubled = 0
+    for _ in range(3000):
+        name = rng.choice(names)
+        op = rng.random()
+        if op < 0.4:
+            status = rng.choice([429, 500, 503, 0, 400] * 20 + [401])
+            h.failed(name, status, rng.choice([None, 0.5, 3.0]))
+        elif op < 0.6:
+            h.succeeded(name)
+        elif op < 0.8:
+            admission = h.acquire(name)
+            if admission:
+                h.release(name, admission)
+        else:
+            clock.t += rng.choice([0.1, 1.0, 20.0])
+        truly = {n for n in names if h._accounts[n].state != "healthy"}
+        assert h.troubled == truly
+        seen_troubled += bool(truly)
+        assert all(h.available(n) for n in names if n not in h.troubled)
+    assert 0 < seen_troubled < 3000  # both branches of the routing shortcut were exercised
