@@ -213,9 +213,14 @@ class MemoryState:
     # --- the protocol -----------------------------------------------------------------
 
     async def snapshot(
-        self, accounts: Sequence[AccountSpec], fp: Fingerprint, now: float
+        self,
+        accounts: Sequence[AccountSpec],
+        fp: Fingerprint,
+        now: float,
+        *,
+        order: Sequence[AccountSpec] | None = None,
     ) -> Snapshot:
-        return self.snapshot_now(accounts, fp, now)
+        return self.snapshot_now(accounts, fp, now)  # reads each account when asked: whole
 
     def snapshot_now(
         self, accounts: Sequence[AccountSpec], fp: Fingerprint, now: float

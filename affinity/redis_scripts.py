@@ -43,8 +43,10 @@ local function deepest(field, now)
 end
 """
 
-# KEYS: the first pin key ; ARGV: chain, now_ms, tau_ms, domain...
-# -> {root rate (string), shared offset, deepest live offset per domain} (offsets 1-based, 0 none)
+# KEYS: the first pin key ; ARGV: chain, now_ms, tau_ms
+# -> {root rate (string), shared offset, then domain, deepest live offset for every domain
+# whose copy of the root is live} (offsets 1-based, 0 none). The domains come from the root
+# block's own fields, so the cost follows the few domains caching it, not the pool's size.
 PINS_READ = (
     _CHAIN
     + _PIN_HELPERS
@@ -66,8 +68,13 @@ if root_rate > 0 then
   shared = lo
 end
 local out = {string.format('%.17g', root_rate), shared}
-for j = 4, #ARGV do
-  out[j - 1] = deepest('d:' .. ARGV[j], now)
+local fields = redis.call('HGETALL', key(1))
+for j = 1, #fields, 2 do
+  local field = fields[j]
+  if string.sub(field, 1, 2) == 'd:' and tonumber(fields[j + 1]) > now then
+    out[#out + 1] = string.sub(field, 3)
+    out[#out + 1] = deepest(field, now)
+  end
 end
 return out
 """

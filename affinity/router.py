@@ -30,9 +30,11 @@ class AffinityRouter:
         token: str | None = None,
         healthy: Callable[[AccountSpec], bool] | None = None,
     ) -> Choice:
-        snap = await self.state.snapshot(accounts, fp, self.state.now())
+        # The order first: a shared back-end reads only as far down it as a decision looks.
+        order = self.selector.order(accounts, fp, mode=mode, token=token, healthy=healthy)
+        snap = await self.state.snapshot(accounts, fp, self.state.now(), order=order)
         choice = self.selector.choose(
-            accounts, fp, demand, snap, mode=mode, token=token, healthy=healthy
+            accounts, fp, demand, snap, mode=mode, token=token, healthy=healthy, order=order
         )
         self.decisions[choice.reason] += 1
         return choice

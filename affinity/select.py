@@ -102,21 +102,27 @@ class Selector:
         mode: Mode,
         token: str | None = None,
         healthy: Callable[[AccountSpec], bool] | None = None,
+        order: list[AccountSpec] | None = None,
     ) -> Choice:
+        """Pick the account and the failover order. ``order`` is ``self.order(...)`` for
+        the same arguments when the caller already has it (it read the state in it)."""
         pool = list(accounts) if healthy is None else [a for a in accounts if healthy(a)]
+        if snap.partial:
+            # The back-end read only some accounts (the first of the rendezvous order and
+            # the live-match holders): decide among those, never on a guess of the rest.
+            pool = [a for a in pool if a.name in snap.load]
         if mode == "off":
             eligible = self._eligible(pool, demand, snap)
             if not eligible:
                 return self._saturated(pool, demand, snap)
             return self._round_robin(eligible, snap)
 
-        if mode == "fixed" and token is not None:
-            key = key_of(token)
-        elif mode == "session" and fp.session is not None:
-            key = key_of(fp.session)
-        else:
-            key = fp.root
-        order = rank(key, pool)
+        key = self._key(fp, mode, token)
+        if order is None:
+            order = rank(key, pool)
+        elif snap.partial or healthy is not None:
+            kept = {a.name for a in pool}
+            order = [a for a in order if a.name in kept]
         # Only the first few accounts with headroom matter (the pick and its failover
         # order), plus any that hold a live match: the rest of a large pool is not checked.
         eligible = self._eligible(order, demand, snap, self.max_candidates)
@@ -159,6 +165,30 @@ class Selector:
         else:
             reason = "rendezvous"
         return _choice(pick, eligible, reason, matched.get(pick.name, 0), key)
+
+    def order(
+        self,
+        accounts: Sequence[AccountSpec],
+        fp: Fingerprint,
+        *,
+        mode: Mode,
+        token: str | None = None,
+        healthy: Callable[[AccountSpec], bool] | None = None,
+    ) -> list[AccountSpec] | None:
+        """The pool in the order ``choose`` will consider it; None when every account
+        counts alike (round-robin), so a state back-end must read them all."""
+        if mode == "off":
+            return None
+        pool = list(accounts) if healthy is None else [a for a in accounts if healthy(a)]
+        return rank(self._key(fp, mode, token), pool)
+
+    @staticmethod
+    def _key(fp: Fingerprint, mode: Mode, token: str | None) -> int:
+        if mode == "fixed" and token is not None:
+            return key_of(token)
+        if mode == "session" and fp.session is not None:
+            return key_of(fp.session)
+        return fp.root
 
     # --- headroom -----------------------------------------------------------------------
 
@@ -254,6 +284,8 @@ class Selector:
         load = snap.load
         ceiling = math.inf
         if self.balance is not None:
+            # With a partial read, ``pool`` is the accounts read: a sample of the pool
+            # (the first of a pseudo-random order), whose mean stands for the pool's.
             total = input_total(load, pool)
             weight = sum(a.weight for a in pool)
             if total > 0 and weight > 0:

@@ -25,8 +25,17 @@ class AffinityState(Protocol):
         ...
 
     async def snapshot(
-        self, accounts: Sequence[AccountSpec], fp: Fingerprint, now: float
-    ) -> Snapshot: ...
+        self,
+        accounts: Sequence[AccountSpec],
+        fp: Fingerprint,
+        now: float,
+        *,
+        order: Sequence[AccountSpec] | None = None,
+    ) -> Snapshot:
+        """What one decision needs. ``order`` is the pool in the order the decision will
+        look at it (None: all alike); a back-end may read only its head (and the accounts
+        holding a live match), and then says so with ``Snapshot.partial``."""
+        ...
 
     async def begin(
         self,

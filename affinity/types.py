@@ -108,3 +108,7 @@ class Snapshot:
     # shared (hot) prefix; the block after it is the conversation's own. -1 when unknown.
     shared_index: int = -1
     window_seconds: float = 60.0
+    # True when ``load`` covers only some of the pool (a shared back-end read the first
+    # accounts of the decision's order and the live-match holders): the rest are unknown,
+    # not idle, and are left out of the decision.
+    partial: bool = False

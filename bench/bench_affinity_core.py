@@ -1,17 +1,23 @@
 """Micro-benchmarks of the affinity core's per-request work.
 
-    python bench/bench_affinity_core.py
+    python -m bench.bench_affinity_core
 
 Prints the fingerprint cost against prompt size and the selection cost against pool
-size (the pure decision, and the decision with an in-process state snapshot).
+size: the pure decision, the decision with an in-process state snapshot, and (when
+redis-server is installed; one is started for the run) with a snapshot read from Redis,
+wall time on an otherwise idle server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from affinity.fingerprint import Fingerprint, fingerprint
@@ -108,13 +114,19 @@ def bench_fingerprint() -> None:
 def snapshot_and_select(
     state: MemoryState, selector: Selector, accounts: list[AccountSpec], fp: Fingerprint
 ) -> Choice:
+    # As the router does it: the order first, then the state, then the decision.
     demand = Demand(fp.total_tokens, 500)
+    order = selector.order(accounts, fp, mode="prefix")
     snap = state.snapshot_now(accounts, fp, state.now())
-    return selector.choose(accounts, fp, demand, snap, mode="prefix")
+    return selector.choose(accounts, fp, demand, snap, mode="prefix", order=order)
 
 
 def bench_selection() -> None:
-    print(f"{'accounts':>8} {'select µs':>10} {'memory snapshot+select µs':>26}")
+    redis_url, server = _start_redis()
+    print(
+        f"{'accounts':>8} {'select µs':>10} {'memory snapshot+select µs':>26}"
+        f" {'redis snapshot+select µs':>25}"
+    )
     fp = fingerprint(chat_body(20 * 1024), kind="chat")
     demand = Demand(fp.total_tokens, 500)
     rng = random.Random(2)
@@ -135,7 +147,61 @@ def bench_selection() -> None:
         for account in accounts[:2]:  # the prompt itself is cached on two accounts
             state.begin_now(account, fp, demand, state.now())
         routed_us = per_call_us(partial(snapshot_and_select, state, selector, accounts, fp))
-        print(f"{n:>8} {select_us:>10.1f} {routed_us:>26.1f}")
+        shared = "no redis-server" if redis_url is None else "-"
+        if redis_url is not None:
+            us = asyncio.run(_redis_snapshot_and_select(redis_url, n, selector, accounts, fp))
+            shared = f"{us:.1f}"
+        print(f"{n:>8} {select_us:>10.1f} {routed_us:>26.1f} {shared:>25}")
+    if server is not None:
+        server.stop()
+
+
+def _start_redis() -> tuple[str | None, Any]:
+    from bench.overhead import HOST, Service, _tcp_open, free_port, redis_state_available
+
+    if redis_state_available() is not None:
+        return None, None
+    port = free_port()
+    argv = ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly"]
+    server = Service(
+        "redis-selection",
+        [*argv, "no"],
+        workdir=Path(tempfile.mkdtemp(prefix="ag-bench-")),
+        ready=lambda: _tcp_open(port),
+    )
+    server.start()
+    return f"redis://{HOST}:{port}/0", server
+
+
+async def _redis_snapshot_and_select(
+    url: str, n: int, selector: Selector, accounts: list[AccountSpec], fp: Fingerprint
+) -> float:
+    """Median wall µs of snapshot + select with every window and the prompt in Redis."""
+    from affinity.redis_state import RedisState
+    from affinity.types import Outcome
+
+    state = RedisState(url, socket_timeout=5.0, key_prefix=f"sel{n}")
+    demand = Demand(fp.total_tokens, 500)
+    done = Outcome(True, fp.total_tokens, 0, 0, 500, 0)
+    try:
+        for i, account in enumerate(accounts):
+            other = fingerprint(chat_body(8 * 1024, seed=i + 10), kind="chat")
+            await state.begin(account, other, demand, state.now())
+            await state.end(account, other, done, state.now())
+        for account in accounts[:2]:
+            await state.begin(account, fp, demand, state.now())
+            await state.end(account, fp, done, state.now())
+        times = []
+        for _ in range(30):
+            start = time.perf_counter()
+            order = selector.order(accounts, fp, mode="prefix")
+            snap = await state.snapshot(accounts, fp, state.now(), order=order)
+            selector.choose(accounts, fp, demand, snap, mode="prefix", order=order)
+            times.append(time.perf_counter() - start)
+        assert state.errors_total == 0, "Redis calls failed during the run"
+        return statistics.median(times) * 1e6
+    finally:
+        await state.aclose()
 
 
 def main() -> None:

@@ -18,8 +18,10 @@ from redis.crc import key_slot
 from affinity.fingerprint import Fingerprint
 from affinity.memory import MemoryState
 from affinity.redis_state import RedisState
+from affinity.router import AffinityRouter
+from affinity.select import Selector
 from affinity.state import Outcome
-from affinity.types import AccountSpec, Demand, Snapshot
+from affinity.types import AccountSpec, Demand, Limits, Snapshot
 from tests.unit.conftest_affinity import BLOCK, Clock, RedisServer, chain
 
 pytestmark = [
@@ -311,4 +313,54 @@ async def test_scripts_flushed_on_the_server_are_loaded_again(
         assert state.fallbacks_total == state.errors_total == 0
     finally:
         await raw.aclose()
+        await state.aclose()
+
+
+async def test_a_large_pool_reads_the_head_of_the_order_and_the_holders(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(time.time())
+    state = RedisState(redis_server.url, key_prefix=prefix, clock=clock, read_ahead=8)
+    router = AffinityRouter(state, Selector())
+    pool = [AccountSpec(f"acct-{i}", limits=Limits(itpm=1_000_000)) for i in range(60)]
+    order = Selector().order(pool, FP, mode="prefix")
+    assert order is not None
+    far = order[40]  # the prefix is cached on an account far down the root's order
+    try:
+        for i, account in enumerate(pool):  # every window has some use
+            other = chain(500 + i, 501, 502)
+            await state.begin(account, other, Demand(1000 + i, 10), clock.t)
+        await state.begin(far, FP, DEMAND, clock.t)
+        await state.end(far, FP, ok(FP), clock.t)
+        read: list[int] = []
+        original = RedisState._pipeline
+
+        async def counting(self: RedisState, calls: Any) -> list[Any]:
+            read.append(sum(1 for name, _, _ in calls if name == "WINDOW_READ"))
+            result: list[Any] = await original(self, calls)
+            return result
+
+        monkeypatch.setattr(RedisState, "_pipeline", counting)
+        snap = await state.snapshot(pool, FP, clock.t, order=order)
+        assert read == [8, 1]  # the head, then the one holder beyond it
+        assert snap.partial and set(snap.load) == {a.name for a in [*order[:8], far]}
+        assert snap.load[far.name].input_tokens == 1000 + pool.index(far) + FP.total_tokens
+        assert snap.matched == {far.name: 8 * BLOCK}
+        choice = await router.choose(pool, FP, DEMAND, mode="prefix")
+        assert (choice.candidates[0], choice.reason) == (far, "longest_match")
+        assert {a.name for a in choice.candidates} <= set(snap.load)
+        # A new prefix: one round trip, placed among the head of its own order.
+        read.clear()
+        fresh = chain(9, 9, 9, 9)
+        choice = await router.choose(pool, fresh, DEMAND, mode="prefix")
+        fresh_order = Selector().order(pool, fresh, mode="prefix")
+        assert read == [8] and fresh_order is not None
+        assert choice.reason == "rendezvous" and choice.candidates[0] == fresh_order[0]
+        assert set(choice.candidates) == set(fresh_order[:8])
+        # A pool no larger than the read-ahead is read whole, as before.
+        read.clear()
+        whole = await state.snapshot(pool[:8], FP, clock.t, order=pool[:8])
+        assert read == [8] and not whole.partial
+        assert state.fallbacks_total == 0
+    finally:
         await state.aclose()

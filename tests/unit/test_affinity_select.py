@@ -336,3 +336,35 @@ def test_cache_key_follows_the_root_and_shards_hot_roots_by_conversation() -> No
         keys[own] = first.cache_key
     assert len(set(keys.values())) == 20
     assert Selector().choose(accounts, FP, DEMAND, snap(), mode="off").cache_key is None
+
+
+def test_a_partial_snapshot_decides_among_the_accounts_read_only() -> None:
+    limits = Limits(itpm=100_000)
+    accounts = pool(20, limits)
+    selector = Selector(max_candidates=4)
+    order = selector.order(accounts, FP, mode="prefix")
+    assert order is not None and order == rank(FP.root, accounts)
+    assert selector.order(accounts, FP, mode="off") is None  # round-robin reads them all
+    full = AccountLoad(0, 99_000, 0, 0)
+    # The head of the order read, its first three without headroom: an unread account is
+    # unknown, not idle, so the decision stays within what was read.
+    read = {a.name: (full if i < 3 else AccountLoad()) for i, a in enumerate(order[:5])}
+    partial = Snapshot({}, read, 0.0, -1, 60.0, partial=True)
+    choice = selector.choose(accounts, FP, DEMAND, partial, mode="prefix", order=order)
+    assert names(choice.candidates) == names(order[3:5])
+    assert choice.reason == "spill_headroom"
+    # The same loads as a whole snapshot treat the rest of the pool as idle.
+    whole = selector.choose(accounts, FP, DEMAND, snap(load=read), mode="prefix", order=order)
+    assert names(whole.candidates) == names(order[3:7])
+    # Nothing read has headroom: saturated, with a wait from the accounts read.
+    jammed = {a.name: full for a in order[:5]}
+    choice = selector.choose(
+        accounts, FP, DEMAND, Snapshot({}, jammed, 0.0, -1, 60.0, partial=True), mode="prefix"
+    )
+    assert choice.reason == "saturated" and choice.retry_after is not None
+    # An order computed before an account fell ill: choose filters it again.
+    sick = order[3].name
+    choice = selector.choose(
+        accounts, FP, DEMAND, partial, mode="prefix", order=order, healthy=lambda a: a.name != sick
+    )
+    assert names(choice.candidates) == [order[4].name]
