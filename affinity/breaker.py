@@ -32,6 +32,12 @@ class CircuitBreaker:
     def open(self) -> bool:
         return self._open_until is not None
 
+    @property
+    def cooling(self) -> bool:
+        """Open, and no call may probe yet (the cool-down runs, or a probe is out)."""
+        until = self._open_until
+        return until is not None and (self._probing or self._clock() < until)
+
     def allow(self) -> bool:
         """May this call use the dependency? In half-open state only one probe may."""
         if self._open_until is None:

@@ -5,11 +5,13 @@ Keys carry hash tags so each script's keys share one slot: a request's pins are 
 with its root block, an account's window with the account; replicas agree on time by
 using the wall clock.
 
-Redis is never on the critical failure path. Every begin/end is mirrored into an
-embedded MemoryState, so local pins and windows are warm when Redis goes away; a
-timeout or connection error makes the call answer from that local state, opens a
-circuit breaker for a short cool-down (no further waiting on a dead server), and a
-single probe afterwards closes it again when Redis is back. No Redis exception reaches
+A begin or an end is queued, not awaited: the writes of all requests go out together on
+the next loop iteration (or with the next snapshot), so a request waits for one round
+trip, its snapshot. Redis is never on the critical failure path. Every begin/end is
+mirrored into an embedded MemoryState, so local pins and windows are warm when Redis
+goes away; a timeout or connection error makes the call answer from that local state,
+opens a circuit breaker for a short cool-down (no further waiting on a dead server), and
+a single probe afterwards closes it again when Redis is back. No Redis exception reaches
 the caller.
 """
 
@@ -100,9 +102,9 @@ class RedisState:
         self._replica = uuid.uuid4().hex[:12]
         self._tickets = itertools.count()
         self.breaker = CircuitBreaker(cooldown=cooldown)
-        # Ends not sent yet: they ride on the next snapshot's or begin's round trip, or a
-        # flush of their own when no other call comes first.
-        self._ends: list[_Call] = []
+        # Writes (begins and ends) not sent yet: they ride on the next snapshot's round
+        # trip, or a flush of their own on the next loop iteration; no request waits.
+        self._pending: list[_Call] = []
         self._flusher: asyncio.Task[None] | None = None
         self.fallbacks_total = 0  # calls answered from local state
         self.errors_total = 0  # Redis errors and timeouts
@@ -155,10 +157,10 @@ class RedisState:
         self._shas = dict(zip(_SCRIPTS, await pipe.execute(), strict=True))
 
     async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
-        """One round trip of EVALSHAs, after any ends still pending (their replies are
+        """One round trip of EVALSHAs, after any writes still pending (their replies are
         dropped); scripts are (re)loaded when the server lacks them."""
-        if self._ends:
-            pending, self._ends = self._ends, []
+        if self._pending:
+            pending, self._pending = self._pending, []
             replies = await self._pipeline_now([*pending, *calls])
             return replies[len(pending) :]
         return await self._pipeline_now(calls)
@@ -217,6 +219,9 @@ class RedisState:
             if not self.breaker.open:
                 log.warning("redis unavailable, serving affinity from local state: %r", exc)
             self.breaker.failure()
+            # Writes still queued would land late, in windows that have moved on: the
+            # local mirror has them, and Redis ages out what it missed.
+            self._pending.clear()
             return None
         if self.breaker.open:
             log.info("redis is back, affinity state shared again")
@@ -354,11 +359,10 @@ class RedisState:
             keys, chain = self._pin_chain(fp)
             args = (chain, now_ms, _ms(self.window_seconds), account.cache_domain, _ms(now + ttl))
             calls.append(("PINS_BEGIN", keys, args))
-        await self._guarded(lambda: self._pipeline(calls))
+        self._send_soon(calls)
 
     async def end(self, account: AccountSpec, fp: Fingerprint, result: Outcome, now: float) -> None:
-        """Counted locally at once; sent to Redis with the next call of this replica (the
-        request that ends waits for no round trip)."""
+        """Counted locally at once; sent to Redis like a begin (no request waits for it)."""
         self._local.end_now(account, fp, result, now)
         calls: list[_Call] = []
         admitted = self._ledger.pop(account.name, fp)
@@ -378,23 +382,30 @@ class RedisState:
         if should_unpin(fp, result):
             keys, chain = self._pin_chain(fp)
             calls.append(("PINS_DROP", keys, (chain, account.cache_domain)))
-        if not calls:
-            return
-        if self.breaker.open:  # Redis is away: the local state has it, Redis ages it out
+        if calls:
+            self._send_soon(calls)
+
+    def _send_soon(self, calls: list[_Call]) -> None:
+        """Queue writes for the next round trip: the next snapshot's, or a flush started
+        now that runs on the next loop iteration (and takes whatever queued meanwhile)."""
+        if self.breaker.cooling:  # Redis is away: the local state has it, Redis ages it out
             self.fallbacks_total += 1
             return
-        self._ends.extend(calls)
+        self._pending.extend(calls)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def flush(self) -> None:
-        """Send the pending ends now (when no snapshot or begin has taken them)."""
-        if self._ends:
+        """Send the pending writes now (when no snapshot has taken them)."""
+        if self._pending:
             await self._guarded(lambda: self._pipeline([]))
 
     async def _flush_soon(self) -> None:
         try:
-            await self.flush()
+            # Writes queued while a flush is on the wire go in the next one, not with
+            # whichever request happens to come next.
+            while self._pending and not self.breaker.cooling:
+                await self.flush()
         finally:
             self._flusher = None
 

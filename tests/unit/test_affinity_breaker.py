@@ -48,3 +48,18 @@ def test_abandoned_probe_lets_the_next_call_probe() -> None:
     breaker.abandon()
     assert breaker.open
     assert breaker.allow()
+
+
+def test_cooling_while_no_call_may_probe() -> None:
+    # Queued writes are dropped only while cooling; once a probe may go they wait for it.
+    clock = Clock()
+    breaker = CircuitBreaker(cooldown=2.0, clock=clock)
+    assert not breaker.cooling
+    breaker.failure()
+    assert breaker.cooling
+    clock.t += 2.0
+    assert breaker.open and not breaker.cooling  # a call may probe now
+    assert breaker.allow()
+    assert breaker.cooling  # the probe is out
+    breaker.success()
+    assert not breaker.cooling and not breaker.open

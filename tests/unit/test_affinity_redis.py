@@ -147,11 +147,13 @@ async def test_same_answers_as_memory_state(redis_server: RedisServer, prefix: s
         await shared.aclose()
 
 
-async def test_one_snapshot_is_one_round_trip(
+async def test_one_snapshot_is_one_round_trip_and_writes_wait_for_none(
     replicas: list[RedisState], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    state = replicas[0]
-    await state.begin(A, FP, DEMAND, state.now())  # loads the scripts
+    state, other = replicas
+    await state.begin(A, FP, DEMAND, state.now())
+    await state.flush()  # loads the scripts
+    await other.snapshot([A], FP, other.now())  # and on the other replica
     sent: list[int] = []
     original = AbstractConnection.send_packed_command
 
@@ -164,16 +166,25 @@ async def test_one_snapshot_is_one_round_trip(
     snapshot = await state.snapshot([A, *accounts], FP, state.now())
     assert snapshot.matched == {"a": 8 * BLOCK}
     assert len(sent) == 1
+    # Begins and ends are queued, not awaited: the request goes on at once, and the
+    # writes of several requests leave together on the next loop iteration.
     await state.begin(B, FP, DEMAND, state.now())
-    assert len(sent) == 2
-    # An end waits for no round trip: it rides on the next call (or a flush of its own).
+    await state.begin(SHARED, chain(3, 3, 3), DEMAND, state.now())
     await state.end(B, FP, ok(FP, expected_cached_tokens=4096), state.now())
+    assert len(sent) == 1
+    await asyncio.sleep(0.05)
     assert len(sent) == 2
-    snapshot = await state.snapshot([A, B], FP, state.now())
+    seen = await other.snapshot([A, B, SHARED], FP, other.now())
+    assert loads(seen)["b"] == (1, 4096, 100, 0)  # begun and ended, in that order
     assert len(sent) == 3
-    assert loads(snapshot)["b"][3] == 0  # the end was applied before the read
+    # A snapshot takes what is queued along: one round trip for all of it.
+    await state.end(A, FP, ok(FP), state.now())
+    snapshot = await state.snapshot([A, B], FP, state.now())
+    assert len(sent) == 4
+    assert loads(snapshot)["a"][3] == 0  # the end was applied before the read
+    await asyncio.sleep(0.05)
     await state.flush()
-    assert len(sent) == 3  # nothing was left to send
+    assert len(sent) == 4  # nothing was left to send
 
 
 def test_keys_of_one_script_share_a_slot(redis_server: RedisServer) -> None:
@@ -193,6 +204,7 @@ async def test_pins_expire_with_the_ttl(redis_server: RedisServer, prefix: str) 
     try:
         await state.begin(A, FP, DEMAND, clock.t)
         await state.begin(B, replace(chain(5, 5, 5), cache_ttl=3600.0), DEMAND, clock.t)
+        await state.flush()
         ttl_ms = await raw.pttl(state._pin_keys(FP)[-1])
         assert 299_000 < ttl_ms <= 300_000
         clock.t += 299
@@ -265,6 +277,7 @@ async def test_killed_redis_falls_back_and_restart_recovers(
         own_server.start()  # same port, empty: the scripts must be loaded again
         await asyncio.sleep(0.25)
         await state.begin(B, FP, DEMAND, state.now())
+        await state.flush()  # the first call after the cool-down probes
         assert not state.circuit_open
         snapshot = await state.snapshot(ACCOUNTS, FP, state.now())
         assert snapshot.matched == {"b": 8 * BLOCK}  # only what Redis saw since the restart
@@ -283,6 +296,7 @@ async def test_scripts_write_the_keys_the_chain_names(
     raw = Redis.from_url(redis_server.url)
     try:
         await state.begin(A, fp, DEMAND, state.now())
+        await state.flush()
         written = {k.decode() for k in await raw.keys(f"{prefix}:{{*}}:p:*")}
         tag = f"{fp.hashes[fp.pin_from]:016x}"
         named = {f"{prefix}:{{{tag}}}:p:{h:016x}" for h in fp.hashes[fp.pin_from :]}
