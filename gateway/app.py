@@ -372,7 +372,8 @@ class Gateway:
         util = GaugeMetricFamily(
             "gateway_account_window_utilization",
             "Share of each account limit used in the current window (1 = at the limit): at"
-            " scrape time with embedded state, as of the last routing decision with Redis.",
+            " scrape time with embedded state; with Redis, as of the last routing decision"
+            " that read the account.",
             labels=["account", "limit"],
         )
         for name, account in self.accounts.items():
