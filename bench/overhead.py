@@ -169,13 +169,13 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of the processes, in seconds."""
+def cpu_seconds(pids: Sequence[int], *, system_only: bool = False) -> float:
+    """User + system (or only system: in the kernel) CPU time of the processes, in seconds."""
     ticks = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            ticks += int(fields[12]) if system_only else int(fields[11]) + int(fields[12])
     return ticks / CLK_TCK
 
 
@@ -647,6 +647,7 @@ class Measurement:
     samples: list[Sample] = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float | None = None  # the proxy's process tree, during the run
+    sys_cpu_seconds: float | None = None  # of it, in the kernel (system calls, TCP)
     aux_cpu_seconds: float | None = None  # redis-server, during the run
     emulator_cpu_seconds: float = 0.0
     client_cpu_seconds: float = 0.0  # this process, the load generator
@@ -757,6 +758,7 @@ async def measure(
             trees = {name: process_tree(s.pid) for name, s in services.items() if s is not None}
             emulator_tree = process_tree(emulator.pid)
             before = {name: cpu_seconds(t) for name, t in trees.items()}
+            sys_before = cpu_seconds(trees["proxy"], system_only=True) if "proxy" in trees else 0
             emulator_before = cpu_seconds(emulator_tree)
             client_before = _own_cpu()
             with _profiled(opts.profile, hop.measured, f"{row}-c{concurrency}-r{repeat + 1}"):
@@ -768,6 +770,7 @@ async def measure(
             result.emulator_cpu_seconds = cpu_seconds(emulator_tree) - emulator_before
             if "proxy" in trees:
                 result.cpu_seconds = after["proxy"] - before["proxy"]
+                result.sys_cpu_seconds = cpu_seconds(trees["proxy"], system_only=True) - sys_before
                 result.peak_rss = peak_rss(process_tree(hop.measured.pid))  # type: ignore[union-attr]
             if "aux" in trees:
                 result.aux_cpu_seconds = after["aux"] - before["aux"]
@@ -817,6 +820,7 @@ class Summary:
     ttfb_p50_ms: float = math.nan  # streams: time to the first body byte
     added_ttfb_p50_ms: float = math.nan
     cpu_ms: float = math.nan  # proxy CPU per request
+    sys_cpu_ms: float = math.nan  # of it, in the kernel
     aux_cpu_ms: float = math.nan
     emulator_cpu_ms: float = math.nan
     client_cpu_ms: float = math.nan
@@ -837,6 +841,7 @@ def _per_repeat(m: Measurement, direct: Measurement | None) -> dict[str, float]:
         "ttft_p50_ms": _quantile(ttft, 0.5) * 1000,
         "ttfb_p50_ms": _quantile(ttfb, 0.5) * 1000,
         "cpu_ms": m.cpu_seconds / n * 1000 if m.cpu_seconds is not None else math.nan,
+        "sys_cpu_ms": (m.sys_cpu_seconds / n * 1000 if m.sys_cpu_seconds is not None else math.nan),
         "aux_cpu_ms": m.aux_cpu_seconds / n * 1000 if m.aux_cpu_seconds is not None else math.nan,
         "emulator_cpu_ms": m.emulator_cpu_seconds / n * 1000,
         "client_cpu_ms": m.client_cpu_seconds / n * 1000,
@@ -891,7 +896,8 @@ def _f(value: float, fmt: str) -> str:
 def table(summaries: Sequence[Summary], concurrency: int) -> str:
     headers = [
         "row", "req/s", "x direct", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "paired +p50",
-        "+TTFT p50", "+TTFB p50", "CPU ms/req", "peak RSS MB", "cache hit", "failed",
+        "+TTFT p50", "+TTFB p50", "CPU ms/req", "in kernel", "peak RSS MB", "cache hit",
+        "failed",
     ]  # fmt: skip
     rows: list[list[object]] = []
     for s in summaries:
@@ -913,6 +919,7 @@ def table(summaries: Sequence[Summary], concurrency: int) -> str:
                 _f(s.added_ttft_p50_ms, "+.2f"),
                 _f(s.added_ttfb_p50_ms, "+.2f"),
                 _f(s.cpu_ms, ".2f"),
+                _f(s.sys_cpu_ms, ".2f"),
                 _f(s.peak_rss_mb, ".0f"),
                 _f(s.hit_rate, ".1%"),
                 f"{s.failed}/{s.requests}",
