@@ -148,9 +148,10 @@ WINDOW_READ = (
     + """
 local now = tonumber(ARGV[1])
 roll(KEYS[1], math.floor(now / tonumber(ARGV[2])), tonumber(ARGV[3]))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local t = redis.call('HMGET', KEYS[1], 'r', 'i', 'o')
-return {tonumber(t[1]) or 0, tonumber(t[2]) or 0, tonumber(t[3]) or 0, redis.call('ZCARD', KEYS[2])}
+-- In flight: tickets whose deadline is still ahead (begins purge the others).
+local flying = redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[1], '+inf')
+return {tonumber(t[1]) or 0, tonumber(t[2]) or 0, tonumber(t[3]) or 0, flying}
 """
 )
 
@@ -169,6 +170,7 @@ redis.call('HINCRBY', KEYS[1], 'o:' .. epoch, output)
 redis.call('HINCRBY', KEYS[1], 'r', 1)
 redis.call('HINCRBY', KEYS[1], 'i', input)
 redis.call('HINCRBY', KEYS[1], 'o', output)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], tonumber(ARGV[7]), ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])

@@ -378,3 +378,30 @@ async def test_a_large_pool_reads_the_head_of_the_order_and_the_holders(
         assert state.fallbacks_total == 0
     finally:
         await state.aclose()
+
+
+async def test_requests_of_a_crashed_replica_age_out_of_in_flight(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    clock = Clock(time.time())
+    crashed = RedisState(redis_server.url, key_prefix=prefix, clock=clock, max_request_seconds=5)
+    alive = RedisState(redis_server.url, key_prefix=prefix, clock=clock, max_request_seconds=5)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await crashed.begin(A, FP, DEMAND, clock.t)  # and never ends
+        await crashed.flush()
+        assert loads(await alive.snapshot([A], FP, clock.t))["a"][3] == 1
+        clock.t += 4.9
+        assert loads(await alive.snapshot([A], FP, clock.t))["a"][3] == 1
+        clock.t += 0.2  # past its deadline: no longer counted, though still stored
+        assert loads(await alive.snapshot([A], FP, clock.t))["a"][3] == 0
+        in_flight = alive._window_keys("a")[1]
+        assert await raw.zcard(in_flight) == 1
+        await alive.begin(A, FP, DEMAND, clock.t)  # a begin purges the expired tickets
+        await alive.flush()
+        assert await raw.zcard(in_flight) == 1
+        assert loads(await alive.snapshot([A], FP, clock.t))["a"][3] == 1
+    finally:
+        await raw.aclose()
+        for state in (crashed, alive):
+            await state.aclose()
