@@ -186,9 +186,11 @@ WINDOW_END = (
 local now, bucket, slots = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local epoch = math.floor(now / bucket)
 roll(KEYS[1], epoch, slots)
-redis.call('ZREM', KEYS[2], ARGV[7])
+-- Only a request whose begin reached Redis is corrected: without its ticket, a negative
+-- delta would come off other requests' counts.
+local begun = redis.call('ZREM', KEYS[2], ARGV[7])
 local at = math.floor(tonumber(ARGV[4]) / bucket)
-if at > epoch - slots and at <= epoch then
+if begun == 1 and at > epoch - slots and at <= epoch then
   local deltas = {{'i', tonumber(ARGV[5])}, {'o', tonumber(ARGV[6])}}
   for _, d in ipairs(deltas) do
     local field = d[1] .. ':' .. at

@@ -405,3 +405,18 @@ async def test_requests_of_a_crashed_replica_age_out_of_in_flight(
         await raw.aclose()
         for state in (crashed, alive):
             await state.aclose()
+
+
+async def test_an_end_whose_begin_never_reached_redis_corrects_nothing(
+    replicas: list[RedisState],
+) -> None:
+    one, two = replicas
+    now = one.now()
+    await two.begin(A, chain(9, 9), DEMAND, now)  # someone else's request on A
+    await two.flush()
+    await one.begin(A, FP, DEMAND, now)
+    one._pending.clear()  # its begin is lost on the way (a failed or cancelled call)
+    await one.end(A, FP, ok(FP, input_tokens=1000, output_tokens=20), now)
+    await one.flush()
+    # The end's correction (1000 - 4096 input) would have come off the other request.
+    assert loads(await two.snapshot([A], FP, now))["a"] == (1, 4096, 300, 1)
