@@ -105,8 +105,14 @@ class Selector:
         order: list[AccountSpec] | None = None,
     ) -> Choice:
         """Pick the account and the failover order. ``order`` is ``self.order(...)`` for
-        the same arguments when the caller already has it (it read the state in it)."""
-        pool = list(accounts) if healthy is None else [a for a in accounts if healthy(a)]
+        the same arguments when the caller already has it (it read the state in it): the
+        available pool, ranked, so neither is computed again."""
+        if order is not None:
+            pool = order
+        elif healthy is None:
+            pool = list(accounts)
+        else:
+            pool = [a for a in accounts if healthy(a)]
         if snap.partial:
             # The back-end read only some accounts (the first of the rendezvous order and
             # the live-match holders): decide among those, never on a guess of the rest.
@@ -120,9 +126,8 @@ class Selector:
         key = self._key(fp, mode, token)
         if order is None:
             order = rank(key, pool)
-        elif snap.partial or healthy is not None:
-            kept = {a.name for a in pool}
-            order = [a for a in order if a.name in kept]
+        elif snap.partial:
+            order = pool  # filtered from the order, so still in it
         # Only the first few accounts with headroom matter (the pick and its failover
         # order), plus any that hold a live match: the rest of a large pool is not checked.
         eligible = self._eligible(order, demand, snap, self.max_candidates)

@@ -362,9 +362,11 @@ def test_a_partial_snapshot_decides_among_the_accounts_read_only() -> None:
         accounts, FP, DEMAND, Snapshot({}, jammed, 0.0, -1, 60.0, partial=True), mode="prefix"
     )
     assert choice.reason == "saturated" and choice.retry_after is not None
-    # An order computed before an account fell ill: choose filters it again.
-    sick = order[3].name
-    choice = selector.choose(
-        accounts, FP, DEMAND, partial, mode="prefix", order=order, healthy=lambda a: a.name != sick
+    # The order given is the available pool: an account left out of it is not considered.
+    sick = order[3]
+    available = [a for a in order if a is not sick]
+    assert selector.order(accounts, FP, mode="prefix", healthy=lambda a: a is not sick) == (
+        available
     )
+    choice = selector.choose(accounts, FP, DEMAND, partial, mode="prefix", order=available)
     assert names(choice.candidates) == [order[4].name]
