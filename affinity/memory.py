@@ -219,6 +219,7 @@ class MemoryState:
         now: float,
         *,
         order: Sequence[AccountSpec] | None = None,
+        read_more: bool = False,
     ) -> Snapshot:
         return self.snapshot_now(accounts, fp, now)  # reads each account when asked: whole
 

@@ -57,6 +57,9 @@ _SCRIPTS = {
 }
 # Recent snapshot matches kept to know a request's expected cache read at begin().
 _MATCH_MEMO = 4096
+# When the head of the order had no account with headroom, the second read is this many
+# times longer (bounded: under overload every request may ask for it).
+_READ_MORE = 4
 
 
 class RedisState:
@@ -237,14 +240,16 @@ class RedisState:
         now: float,
         *,
         order: Sequence[AccountSpec] | None = None,
+        read_more: bool = False,
     ) -> Snapshot:
         has_pins = fp.pin_from < len(fp.hashes)
         now_ms, bucket_ms, slots = self._window_args(now)
         window_args = (now_ms, bucket_ms, slots)
         # A large pool: the windows of the head of the decision's order only (one script
         # call per account; at a thousand accounts reading them all took 35 ms).
-        partial = order is not None and len(order) > self.read_ahead
-        head = order[: self.read_ahead] if order is not None and partial else accounts
+        read = self.read_ahead * (_READ_MORE if read_more else 1)
+        partial = order is not None and len(order) > read
+        head = order[:read] if order is not None and partial else accounts
         calls: list[_Call] = []
         if has_pins:
             keys, chain = self._pin_chain(fp)

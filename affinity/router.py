@@ -36,6 +36,14 @@ class AffinityRouter:
         choice = self.selector.choose(
             accounts, fp, demand, snap, mode=mode, token=token, healthy=healthy, order=order
         )
+        if snap.partial and not choice.candidates:
+            # No headroom among the accounts read: look further down before refusing.
+            snap = await self.state.snapshot(
+                accounts, fp, self.state.now(), order=order, read_more=True
+            )
+            choice = self.selector.choose(
+                accounts, fp, demand, snap, mode=mode, token=token, healthy=healthy, order=order
+            )
         self.decisions[choice.reason] += 1
         return choice
 

@@ -420,3 +420,44 @@ async def test_an_end_whose_begin_never_reached_redis_corrects_nothing(
     await one.flush()
     # The end's correction (1000 - 4096 input) would have come off the other request.
     assert loads(await two.snapshot([A], FP, now))["a"] == (1, 4096, 300, 1)
+
+
+async def test_no_headroom_in_the_head_reads_further_before_refusing(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(time.time())
+    state = RedisState(redis_server.url, key_prefix=prefix, clock=clock, read_ahead=4)
+    router = AffinityRouter(state, Selector())
+    pool = [AccountSpec(f"acct-{i}", limits=Limits(rpm=10)) for i in range(40)]
+    fresh = chain(9, 9, 9, 9)
+    order = Selector().order(pool, fresh, mode="prefix")
+    assert order is not None
+    try:
+        for account in order[:6]:  # the first six of the order are at their request limit
+            for _ in range(10):
+                await state.begin(account, chain(700, 1), DEMAND, clock.t)
+        await state.flush()
+        read: list[int] = []
+        original = RedisState._pipeline
+
+        async def counting(self: RedisState, calls: Any) -> list[Any]:
+            read.append(sum(1 for name, _, _ in calls if name == "WINDOW_READ"))
+            result: list[Any] = await original(self, calls)
+            return result
+
+        monkeypatch.setattr(RedisState, "_pipeline", counting)
+        choice = await router.choose(pool, fresh, DEMAND, mode="prefix")
+        assert read == [4, 16]  # the head, then four times as far
+        assert (choice.candidates[0], choice.reason) == (order[6], "spill_headroom")
+        assert list(choice.candidates) == order[6:16]
+        # Saturated as far as the longer read goes: refused, with a wait.
+        for account in order[6:16]:
+            for _ in range(10):
+                await state.begin(account, chain(700, 1), DEMAND, clock.t)
+        await state.flush()
+        read.clear()
+        choice = await router.choose(pool, fresh, DEMAND, mode="prefix")
+        assert read == [4, 16] and choice.reason == "saturated"
+        assert choice.retry_after is not None
+    finally:
+        await state.aclose()
