@@ -32,18 +32,17 @@ class AffinityRouter:
     ) -> Choice:
         # The order first: a shared back-end reads only as far down it as a decision looks.
         order = self.selector.order(accounts, fp, mode=mode, token=token, healthy=healthy)
-        snap = await self.state.snapshot(accounts, fp, self.state.now(), order=order)
-        choice = self.selector.choose(
-            accounts, fp, demand, snap, mode=mode, token=token, healthy=healthy, order=order
-        )
-        if snap.partial and not choice.candidates:
-            # No headroom among the accounts read: look further down before refusing.
+        # With no headroom among the accounts a partial read found, look further down once
+        # before refusing.
+        for read_more in (False, True):
             snap = await self.state.snapshot(
-                accounts, fp, self.state.now(), order=order, read_more=True
+                accounts, fp, self.state.now(), order=order, read_more=read_more
             )
             choice = self.selector.choose(
                 accounts, fp, demand, snap, mode=mode, token=token, healthy=healthy, order=order
             )
+            if choice.candidates or not snap.partial:
+                break
         self.decisions[choice.reason] += 1
         return choice
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -84,12 +85,13 @@ class Loads(Mapping[str, AccountLoad]):
 
     __slots__ = ()
 
+    @abstractmethod
     def input_total(self, accounts: Iterable[AccountSpec]) -> float:
-        """Window input tokens summed over ``accounts``."""
-        return sum(self.get(a.name, IDLE).input_tokens for a in accounts)
+        """Window input tokens summed over ``accounts``, without building their loads."""
 
 
 def input_total(load: Mapping[str, AccountLoad], accounts: Iterable[AccountSpec]) -> float:
+    """Window input tokens summed over ``accounts``, whatever mapping holds the loads."""
     if isinstance(load, Loads):
         return load.input_total(accounts)
     return sum(load.get(a.name, IDLE).input_tokens for a in accounts)

@@ -157,20 +157,12 @@ def bench_selection() -> None:
 
 
 def _start_redis() -> tuple[str | None, Any]:
-    from bench.overhead import HOST, Service, _tcp_open, free_port, redis_state_available
+    from bench.overhead import redis_server, redis_state_available
 
     if redis_state_available() is not None:
         return None, None
-    port = free_port()
-    argv = ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly"]
-    server = Service(
-        "redis-selection",
-        [*argv, "no"],
-        workdir=Path(tempfile.mkdtemp(prefix="ag-bench-")),
-        ready=lambda: _tcp_open(port),
-    )
-    server.start()
-    return f"redis://{HOST}:{port}/0", server
+    server, url = redis_server("redis-selection", Path(tempfile.mkdtemp(prefix="ag-bench-")))
+    return url, server
 
 
 async def _redis_snapshot_and_select(

@@ -406,6 +406,22 @@ def redis_state_available() -> str | None:
     return None
 
 
+def redis_server(name: str, workdir: Path) -> tuple[Service, str]:
+    """A started redis-server of the benchmark's own (no persistence) and its URL."""
+    port = free_port()
+    server = Service(
+        name,
+        [
+            *("redis-server", "--bind", HOST, "--port", str(port)),
+            *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
+        ],
+        workdir=workdir,
+        ready=lambda: _tcp_open(port),
+    )
+    server.start()
+    return server, f"redis://{HOST}:{port}/0"
+
+
 def start_gateway(workdir: Path, emulator_url: str, accounts: int, redis: bool) -> Hop:
     services: list[Service] = []
     state: dict[str, Any] = {}
@@ -414,19 +430,9 @@ def start_gateway(workdir: Path, emulator_url: str, accounts: int, redis: bool) 
         reason = redis_state_available()
         if reason is not None:
             raise Unavailable(reason)
-        redis_port = free_port()
-        aux = Service(
-            "redis",
-            [
-                *("redis-server", "--bind", HOST, "--port", str(redis_port)),
-                *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
-            ],
-            workdir=workdir,
-            ready=lambda: _tcp_open(redis_port),
-        )
-        aux.start()
+        aux, redis_url = redis_server("redis", workdir)
         services.append(aux)
-        state = {"redis_url": f"redis://{HOST}:{redis_port}/0"}
+        state = {"redis_url": redis_url}
     config = emulated_config(emulator_url, accounts=accounts, state=state)
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
@@ -1013,15 +1019,7 @@ async def redis_footprint(count: int, workdir: Path) -> dict[str, float] | str:
     from affinity.redis_state import RedisState
     from affinity.types import Demand, Outcome
 
-    port = free_port()
-    server = Service(
-        "redis-footprint",
-        ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"],
-        workdir=workdir,
-        ready=lambda: _tcp_open(port),
-    )
-    server.start()
-    url = f"redis://{HOST}:{port}/0"
+    server, url = redis_server("redis-footprint", workdir)
     client = Redis.from_url(url)
     state = RedisState(url, socket_timeout=5.0, max_pins=10 * count)
     try:

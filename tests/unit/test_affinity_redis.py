@@ -83,6 +83,20 @@ def ok(fp: Fingerprint, **kw: int) -> Outcome:
     return Outcome(ok=True, **fields)
 
 
+def count_window_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the number of account windows each round trip reads, in order."""
+    read: list[int] = []
+    original = RedisState._pipeline
+
+    async def counting(self: RedisState, calls: Any) -> list[Any]:
+        read.append(sum(1 for name, _, _ in calls if name == "WINDOW_READ"))
+        result: list[Any] = await original(self, calls)
+        return result
+
+    monkeypatch.setattr(RedisState, "_pipeline", counting)
+    return read
+
+
 def loads(snapshot: Snapshot) -> dict[str, tuple[float, float, float, int]]:
     return {
         name: (load.requests, load.input_tokens, load.output_tokens, load.in_flight)
@@ -346,15 +360,7 @@ async def test_a_large_pool_reads_the_head_of_the_order_and_the_holders(
             await state.begin(account, other, Demand(1000 + i, 10), clock.t)
         await state.begin(far, FP, DEMAND, clock.t)
         await state.end(far, FP, ok(FP), clock.t)
-        read: list[int] = []
-        original = RedisState._pipeline
-
-        async def counting(self: RedisState, calls: Any) -> list[Any]:
-            read.append(sum(1 for name, _, _ in calls if name == "WINDOW_READ"))
-            result: list[Any] = await original(self, calls)
-            return result
-
-        monkeypatch.setattr(RedisState, "_pipeline", counting)
+        read = count_window_reads(monkeypatch)
         snap = await state.snapshot(pool, FP, clock.t, order=order)
         assert read == [8, 1]  # the head, then the one holder beyond it
         assert snap.partial and set(snap.load) == {a.name for a in [*order[:8], far]}
@@ -437,15 +443,7 @@ async def test_no_headroom_in_the_head_reads_further_before_refusing(
             for _ in range(10):
                 await state.begin(account, chain(700, 1), DEMAND, clock.t)
         await state.flush()
-        read: list[int] = []
-        original = RedisState._pipeline
-
-        async def counting(self: RedisState, calls: Any) -> list[Any]:
-            read.append(sum(1 for name, _, _ in calls if name == "WINDOW_READ"))
-            result: list[Any] = await original(self, calls)
-            return result
-
-        monkeypatch.setattr(RedisState, "_pipeline", counting)
+        read = count_window_reads(monkeypatch)
         choice = await router.choose(pool, fresh, DEMAND, mode="prefix")
         assert read == [4, 16]  # the head, then four times as far
         assert (choice.candidates[0], choice.reason) == (order[6], "spill_headroom")
