@@ -89,8 +89,21 @@ class Request:
     tenant: int
 
 
-def workload(requests: int, seed: int = 7) -> list[Request]:
-    """The first ``requests`` calls of a multi-tenant workload, in arrival order."""
+ANSWERS = ("mixed", "streamed", "json")
+
+
+def workload(requests: int, seed: int = 7, answers: str = "mixed") -> list[Request]:
+    """The first ``requests`` calls of a multi-tenant workload, in arrival order.
+
+    ``answers`` keeps only the streamed or only the JSON calls of a longer sequence
+    (the same tenants and prompts), to tell a request's fixed cost from its cost per
+    relayed event."""
+    if answers != "mixed":
+        streamed = answers == "streamed"
+        keep = [r for r in workload(4 * requests, seed) if r.stream is streamed]
+        if len(keep) < requests:
+            raise ValueError(f"only {len(keep)} {answers} calls among {4 * requests}")
+        return keep[:requests]
     apps = max(1, math.ceil(requests / (SESSIONS_PER_APP * TURNS)))
     calls = multi_tenant(
         apps=apps,
@@ -686,6 +699,7 @@ class Options:
     install: bool = True
     provider: str = "paced"
     profile: Path | None = None  # py-spy raw samples of each proxy run go in this directory
+    answers: str = "mixed"  # or only "streamed" / only "json" calls
 
 
 @contextlib.contextmanager
@@ -1104,6 +1118,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None,
         default="paced",
         help="the emulator's latency profile (default paced: the issue's reference pace)",
     )
+    p.add_argument(
+        "--answers",
+        choices=ANSWERS,
+        default="mixed",
+        help="send only streamed or only JSON calls (default mixed: half of each)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement, at most")
     p.add_argument("--litellm-venv", type=Path, default=default_litellm_venv())
     p.add_argument("--no-install", action="store_true", help="never pip-install LiteLLM")
@@ -1136,12 +1156,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None,
         install=not a.no_install,
         provider=a.provider,
         profile=a.profile,
+        answers=a.answers,
     )
     return opts, a.json, a.footprint
 
 
 async def run(opts: Options, progress: TextIO = sys.stderr) -> list[Measurement]:
-    requests = workload(opts.requests)
+    requests = workload(opts.requests, answers=opts.answers)
     out: list[Measurement] = []
     unavailable: dict[str, str] = {}
     for repeat in range(opts.repeat):
@@ -1185,7 +1206,7 @@ def describe(requests: Sequence[Request], provider: str) -> str:
 def report(opts: Options, measurements: Sequence[Measurement]) -> str:
     summaries = summarise(measurements)
     lines = [
-        describe(workload(opts.requests), opts.provider),
+        describe(workload(opts.requests, answers=opts.answers), opts.provider),
         f"medians of {opts.repeat} repeat(s)",
         "",
     ]
@@ -1199,7 +1220,7 @@ def to_json(opts: Options, measurements: Sequence[Measurement]) -> bytes:
     summaries = summarise(measurements)
     doc = {
         "options": {**asdict(opts), "litellm_venv": str(opts.litellm_venv)},
-        "workload": describe(workload(opts.requests), opts.provider),
+        "workload": describe(workload(opts.requests, answers=opts.answers), opts.provider),
         "summaries": [asdict(s) for s in summaries],
         "measurements": [
             {
@@ -1227,7 +1248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if footprint_prompts:
         print(footprint(footprint_prompts))
         return 0
-    print(f"bench.overhead: {describe(workload(opts.requests), opts.provider)}", file=sys.stderr)
+    requests = workload(opts.requests, answers=opts.answers)
+    print(f"bench.overhead: {describe(requests, opts.provider)}", file=sys.stderr)
     try:
         import uvloop
 

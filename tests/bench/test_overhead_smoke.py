@@ -43,3 +43,16 @@ def test_direct_and_gateway_rows(tmp_path: Path) -> None:
     # The gateway's own process was measured; the direct row has no proxy to measure.
     assert summaries["gateway"]["cpu_ms"] is not None
     assert summaries["direct"]["cpu_ms"] is None
+
+
+def test_answers_keep_one_kind_in_arrival_order() -> None:
+    from bench.overhead import workload
+
+    mixed = workload(400)
+    assert 0 < sum(r.stream for r in mixed) < len(mixed)
+    for answers, streamed in (("streamed", True), ("json", False)):
+        only = workload(150, answers=answers)
+        assert len(only) == 150
+        assert all(r.stream is streamed for r in only)
+        # The calls of that kind in a longer mixed sequence, in the same order.
+        assert only == [r for r in workload(600) if r.stream is streamed][:150]
