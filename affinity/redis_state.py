@@ -92,6 +92,7 @@ class RedisState:
         # call has one deadline of its own instead (_guarded).
         self._redis: Redis = Redis.from_url(
             url,
+            socket_timeout=None,  # said outright: redis-py 8 defaults to 5 s
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),  # the breaker decides about retrying, not the client
         )

@@ -169,10 +169,12 @@ async def test_one_snapshot_is_one_round_trip_and_writes_wait_for_none(
     await state.flush()  # loads the scripts
     await other.snapshot([A], FP, other.now())  # and on the other replica
     sent: list[int] = []
+    timeouts: set[float | None] = set()
     original = AbstractConnection.send_packed_command
 
     async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         sent.append(1)
+        timeouts.add(self.socket_timeout)
         await original(self, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
@@ -199,6 +201,9 @@ async def test_one_snapshot_is_one_round_trip_and_writes_wait_for_none(
     await asyncio.sleep(0.05)
     await state.flush()
     assert len(sent) == 4  # nothing was left to send
+    # No redis-py socket timeout: with one, every send is an asyncio.wait_for (a task)
+    # and every reply a timeout context; each call has one deadline of its own instead.
+    assert timeouts == {None}
 
 
 def test_keys_of_one_script_share_a_slot(redis_server: RedisServer) -> None:
