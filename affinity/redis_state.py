@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -97,6 +98,7 @@ class RedisState:
             retry=Retry(NoBackoff(), 0),  # the breaker decides about retrying, not the client
         )
         self._shas: dict[str, str] = {}
+        self._window_key_memo: dict[str, tuple[str, str]] = {}
         self._local = MemoryState(
             ttl_seconds=ttl_seconds, window_seconds=window_seconds, max_pins=max_pins, clock=clock
         )
@@ -146,8 +148,11 @@ class RedisState:
         return [prefix + chain[i : i + 16] for i in range(0, len(chain), 16)]
 
     def _window_keys(self, account: str) -> tuple[str, str]:
-        base = f"{self.key_prefix}:{{a:{account}}}"
-        return f"{base}:w", f"{base}:f"
+        keys = self._window_key_memo.get(account)
+        if keys is None:  # accounts come from the configuration: the memo stays small
+            base = f"{self.key_prefix}:{{a:{account}}}"
+            keys = self._window_key_memo[account] = (f"{base}:w", f"{base}:f")
+        return keys
 
     def _window_args(self, now: float) -> tuple[int, int, int]:
         return _ms(now), _ms(self.window_seconds / WINDOW_BUCKETS), WINDOW_BUCKETS + 1
@@ -180,13 +185,16 @@ class RedisState:
         for attempt in range(2):
             if not self._shas:
                 await self._load_scripts()
+            # hiredis packs in C what redis-py's encoder packs argument by argument in
+            # Python (35 calls: 27 against 204 µs); the arguments are str, bytes and int.
             commands = [
-                ("EVALSHA", self._shas[name], len(keys), *keys, *args) for name, keys, args in calls
+                pack_command(("EVALSHA", self._shas[name], len(keys), *keys, *args))
+                for name, keys, args in calls
             ]
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             missing = False
             try:
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                await conn.send_packed_command(commands, check_health=False)
                 replies: list[Any] = []
                 for _ in commands:
                     try:
