@@ -150,6 +150,12 @@ class MemoryState:
                 hi = mid - 1
         return lo
 
+    def root_holders(self, fp: Fingerprint, now: float) -> dict[str, float]:
+        """Cache domains with a live pin on the prompt's first pinned block (its root)."""
+        if fp.pin_from >= len(fp.hashes):
+            return {}
+        return self._pins.live(fp.hashes[fp.pin_from], now)
+
     def match(self, fp: Fingerprint, domain: str, now: float) -> int:
         """Tokens of ``fp`` the provider should still hold in ``domain``'s cache."""
         index = self._deepest_live(fp, domain, now)

@@ -61,6 +61,8 @@ _MATCH_MEMO = 4096
 # When the head of the order had no account with headroom, the second read is this many
 # times longer (bounded: under overload every request may ask for it).
 _READ_MORE = 4
+# Pools whose accounts-by-domain index is kept (one per pool object; see _domains).
+_POOL_MEMO = 64
 
 
 class RedisState:
@@ -99,6 +101,9 @@ class RedisState:
         )
         self._shas: dict[str, str] = {}
         self._window_key_memo: dict[str, tuple[str, str]] = {}
+        self._domain_memo: dict[
+            int, tuple[Sequence[AccountSpec], dict[str, list[AccountSpec]]]
+        ] = {}
         self._local = MemoryState(
             ttl_seconds=ttl_seconds, window_seconds=window_seconds, max_pins=max_pins, clock=clock
         )
@@ -259,6 +264,15 @@ class RedisState:
         read = self.read_ahead * (_READ_MORE if read_more else 1)
         partial = order is not None and len(order) > read
         head = order[:read] if order is not None and partial else accounts
+        if partial and has_pins:
+            # Holders of the prefix that this replica pinned itself: their windows come in
+            # the same round trip. Holders only Redis knows of cost a second one (below).
+            known = self._local.root_holders(fp, now)
+            if known:
+                domains = self._domains(accounts)
+                ahead = {a.name for a in head}
+                extra = [a for d in known for a in domains.get(d, ()) if a.name not in ahead]
+                head = [*head, *extra[:read]]
         calls: list[_Call] = []
         if has_pins:
             keys, chain = self._pin_chain(fp)
@@ -283,10 +297,9 @@ class RedisState:
                 if int(pins[j + 1])
             }
             if by_domain:
+                domains = self._domains(accounts)
                 matched = {
-                    a.name: by_domain[a.cache_domain]
-                    for a in accounts
-                    if a.cache_domain in by_domain
+                    a.name: tokens for d, tokens in by_domain.items() for a in domains.get(d, ())
                 }
             self._remember(fp, by_domain)
         windows = replies[1:] if has_pins else replies
@@ -297,7 +310,8 @@ class RedisState:
         if partial and matched:
             # Accounts holding the prefix further down the order: read them too (a second
             # round trip, when there are any), so that a live match is never passed over.
-            held = [a for a in accounts if a.name in matched and a.name not in load]
+            domains = self._domains(accounts)
+            held = [a for d in by_domain for a in domains.get(d, ()) if a.name not in load]
             if held:
                 more = await self._guarded(
                     lambda: self._pipeline(
@@ -310,6 +324,21 @@ class RedisState:
                     load[account.name] = self._load(account.name, window, now)
         self._read.update(load)
         return Snapshot(matched, load, root_rate, shared, self.window_seconds, partial)
+
+    def _domains(self, accounts: Sequence[AccountSpec]) -> dict[str, list[AccountSpec]]:
+        """A pool's accounts by cache domain. Pools are prepared once and passed as the
+        same object, so this is built once per pool, not per request (at a thousand
+        accounts a pass over the pool is tens of microseconds)."""
+        memo = self._domain_memo.get(id(accounts))
+        if memo is not None and memo[0] is accounts:
+            return memo[1]
+        index: dict[str, list[AccountSpec]] = {}
+        for account in accounts:
+            index.setdefault(account.cache_domain, []).append(account)
+        if len(self._domain_memo) >= _POOL_MEMO:
+            self._domain_memo.clear()  # pools filtered per request (accounts in trouble)
+        self._domain_memo[id(accounts)] = (accounts, index)  # holds the pool: ids stay unique
+        return index
 
     def _load(self, name: str, window: Sequence[Any], now: float) -> AccountLoad:
         requests, input_tokens, output_tokens, in_flight = (int(v) for v in window)

@@ -5,7 +5,8 @@
 Prints the fingerprint cost against prompt size and the selection cost against pool
 size: the pure decision, the decision with an in-process state snapshot, and (when
 redis-server is installed; one is started for the run) with a snapshot read from Redis,
-wall time on an otherwise idle server.
+wall time on an otherwise idle server: as read by the replica that pinned the prompt (it
+knows where the prompt is cached), and by a peer replica that learns it from Redis.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def bench_selection() -> None:
     redis_url, server = _start_redis()
     print(
         f"{'accounts':>8} {'select µs':>10} {'memory snapshot+select µs':>26}"
-        f" {'redis snapshot+select µs':>25}"
+        f" {'redis, own pins µs':>19} {'redis, peer pins µs':>20}"
     )
     fp = fingerprint(chat_body(20 * 1024), kind="chat")
     demand = Demand(fp.total_tokens, 500)
@@ -147,11 +148,13 @@ def bench_selection() -> None:
         for account in accounts[:2]:  # the prompt itself is cached on two accounts
             state.begin_now(account, fp, demand, state.now())
         routed_us = per_call_us(partial(snapshot_and_select, state, selector, accounts, fp))
-        shared = "no redis-server" if redis_url is None else "-"
+        own = peer = "no redis-server" if redis_url is None else "-"
         if redis_url is not None:
-            us = asyncio.run(_redis_snapshot_and_select(redis_url, n, selector, accounts, fp))
-            shared = f"{us:.1f}"
-        print(f"{n:>8} {select_us:>10.1f} {routed_us:>26.1f} {shared:>25}")
+            own_us, peer_us = asyncio.run(
+                _redis_snapshot_and_select(redis_url, n, selector, accounts, fp)
+            )
+            own, peer = f"{own_us:.1f}", f"{peer_us:.1f}"
+        print(f"{n:>8} {select_us:>10.1f} {routed_us:>26.1f} {own:>19} {peer:>20}")
     if server is not None:
         server.stop()
 
@@ -167,12 +170,14 @@ def _start_redis() -> tuple[str | None, Any]:
 
 async def _redis_snapshot_and_select(
     url: str, n: int, selector: Selector, accounts: list[AccountSpec], fp: Fingerprint
-) -> float:
-    """Median wall µs of snapshot + select with every window and the prompt in Redis."""
+) -> tuple[float, float]:
+    """Median wall µs of snapshot + select with every window and the prompt in Redis: by
+    the replica that pinned it, and by a peer replica that did not."""
     from affinity.redis_state import RedisState
     from affinity.types import Outcome
 
     state = RedisState(url, socket_timeout=5.0, key_prefix=f"sel{n}")
+    peer = RedisState(url, socket_timeout=5.0, key_prefix=f"sel{n}")
     demand = Demand(fp.total_tokens, 500)
     done = Outcome(True, fp.total_tokens, 0, 0, 500, 0)
     try:
@@ -183,17 +188,22 @@ async def _redis_snapshot_and_select(
         for account in accounts[:2]:
             await state.begin(account, fp, demand, state.now())
             await state.end(account, fp, done, state.now())
-        times = []
-        for _ in range(30):
-            start = time.perf_counter()
-            order = selector.order(accounts, fp, mode="prefix")
-            snap = await state.snapshot(accounts, fp, state.now(), order=order)
-            selector.choose(accounts, fp, demand, snap, mode="prefix", order=order)
-            times.append(time.perf_counter() - start)
-        assert state.errors_total == 0, "Redis calls failed during the run"
-        return statistics.median(times) * 1e6
+        medians = []
+        for reader in (state, peer):
+            times = []
+            for _ in range(30):
+                start = time.perf_counter()
+                order = selector.order(accounts, fp, mode="prefix")
+                snap = await reader.snapshot(accounts, fp, reader.now(), order=order)
+                choice = selector.choose(accounts, fp, demand, snap, mode="prefix", order=order)
+                times.append(time.perf_counter() - start)
+            assert choice.reason == "longest_match", choice.reason
+            assert reader.errors_total == 0, "Redis calls failed during the run"
+            medians.append(statistics.median(times) * 1e6)
+        return medians[0], medians[1]
     finally:
         await state.aclose()
+        await peer.aclose()
 
 
 def main() -> None:

@@ -354,6 +354,7 @@ async def test_a_large_pool_reads_the_head_of_the_order_and_the_holders(
 ) -> None:
     clock = Clock(time.time())
     state = RedisState(redis_server.url, key_prefix=prefix, clock=clock, read_ahead=8)
+    peer = RedisState(redis_server.url, key_prefix=prefix, clock=clock, read_ahead=8)
     router = AffinityRouter(state, Selector())
     pool = [AccountSpec(f"acct-{i}", limits=Limits(itpm=1_000_000)) for i in range(60)]
     order = Selector().order(pool, FP, mode="prefix")
@@ -367,10 +368,17 @@ async def test_a_large_pool_reads_the_head_of_the_order_and_the_holders(
         await state.end(far, FP, ok(FP), clock.t)
         read = count_window_reads(monkeypatch)
         snap = await state.snapshot(pool, FP, clock.t, order=order)
-        assert read == [8, 1]  # the head, then the one holder beyond it
-        assert snap.partial and set(snap.load) == {a.name for a in [*order[:8], far]}
-        assert snap.load[far.name].input_tokens == 1000 + pool.index(far) + FP.total_tokens
-        assert snap.matched == {far.name: 8 * BLOCK}
+        # The replica pinned the prefix itself: the holder comes with the head, one trip.
+        assert read == [8 + 1]
+        # A peer replica learns of the holder from Redis: the head, then the holder.
+        read.clear()
+        peer_snap = await peer.snapshot(pool, FP, clock.t, order=order)
+        assert read == [8, 1]
+        for seen in (snap, peer_snap):
+            assert seen.partial and set(seen.load) == {a.name for a in [*order[:8], far]}
+            assert seen.load[far.name].input_tokens == 1000 + pool.index(far) + FP.total_tokens
+            assert seen.matched == {far.name: 8 * BLOCK}
+        read.clear()
         choice = await router.choose(pool, FP, DEMAND, mode="prefix")
         assert (choice.candidates[0], choice.reason) == (far, "longest_match")
         assert {a.name for a in choice.candidates} <= set(snap.load)
@@ -386,9 +394,10 @@ async def test_a_large_pool_reads_the_head_of_the_order_and_the_holders(
         read.clear()
         whole = await state.snapshot(pool[:8], FP, clock.t, order=pool[:8])
         assert read == [8] and not whole.partial
-        assert state.fallbacks_total == 0
+        assert state.fallbacks_total == peer.fallbacks_total == 0
     finally:
         await state.aclose()
+        await peer.aclose()
 
 
 async def test_requests_of_a_crashed_replica_age_out_of_in_flight(
