@@ -173,13 +173,25 @@ class RedisState:
     async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
         """One round trip of EVALSHAs, after any writes still pending (their replies are
         dropped); scripts are (re)loaded when the server lacks them."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            replies = await self._pipeline_now([*pending, *calls])
-            return replies[len(pending) :]
-        return await self._pipeline_now(calls)
+        if not self._pending:
+            return await self._pipeline_now(calls)
+        pending, self._pending = self._pending, []
+        sent: list[bool] = []
+        try:
+            replies = await self._pipeline_now([*pending, *calls], sent)
+        except asyncio.CancelledError:
+            if not sent:
+                # The caller went away (its client did) before anything left: the queued
+                # writes are other requests' and still due, so they wait for the next trip.
+                self._pending[:0] = pending
+                if self._flusher is None:
+                    self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+            raise
+        return replies[len(pending) :]
 
-    async def _pipeline_now(self, calls: Sequence[_Call]) -> list[Any]:
+    async def _pipeline_now(
+        self, calls: Sequence[_Call], sent: list[bool] | None = None
+    ) -> list[Any]:
         # One connection from the pool, the commands in one write, the replies read in
         # order. redis-py's Pipeline would do the same with a task of its own for the
         # release (asyncio.shield) and resets around it: loop iterations that cost
@@ -198,6 +210,8 @@ class RedisState:
             ]
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             missing = False
+            if sent is not None:
+                sent.append(True)  # connected: the write below reaches the socket at once
             try:
                 await conn.send_packed_command(commands, check_health=False)
                 replies: list[Any] = []
@@ -216,6 +230,8 @@ class RedisState:
                 return replies
             if attempt:
                 raise NoScriptError("the scripts are missing after a reload")
+            if sent is not None:
+                sent.clear()  # refused unrun: nothing was applied
             self._shas.clear()
         raise AssertionError("unreachable")
 

@@ -400,6 +400,46 @@ async def test_a_large_pool_reads_the_head_of_the_order_and_the_holders(
         await peer.aclose()
 
 
+async def test_writes_queued_behind_a_cancelled_snapshot_still_reach_redis(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(time.time())
+    state = RedisState(redis_server.url, key_prefix=prefix, clock=clock)
+    reader = RedisState(redis_server.url, key_prefix=prefix, clock=clock)
+    try:
+        await state.snapshot([A], FP, clock.t)  # the scripts are loaded
+        gate = asyncio.Event()
+        pool_type = type(state._redis.connection_pool)
+        original = pool_type.get_connection
+
+        async def held(self: Any, *args: Any, **kwargs: Any) -> Any:
+            await gate.wait()  # no connection yet: nothing has left
+            return await original(self, *args, **kwargs)
+
+        monkeypatch.setattr(pool_type, "get_connection", held)
+
+        async def request() -> None:
+            await state.begin(B, FP, DEMAND, clock.t)  # another request's write, queued
+            await state.snapshot([A], FP, clock.t)  # takes it along, then waits
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.05)
+        assert not task.done() and not state._pending  # the snapshot holds the write
+        task.cancel()  # this request's client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.set()
+        await asyncio.sleep(0.05)
+        await state.flush()
+        monkeypatch.undo()
+        seen = await reader.snapshot([B], FP, clock.t)
+        assert loads(seen)["b"] == (1, DEMAND.input_tokens, DEMAND.output_tokens, 1)
+        assert state.errors_total == 0
+    finally:
+        await state.aclose()
+        await reader.aclose()
+
+
 async def test_requests_of_a_crashed_replica_age_out_of_in_flight(
     redis_server: RedisServer, prefix: str
 ) -> None:
