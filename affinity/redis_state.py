@@ -176,21 +176,11 @@ class RedisState:
         if not self._pending:
             return await self._pipeline_now(calls)
         pending, self._pending = self._pending, []
-        sent: list[bool] = []
-        try:
-            replies = await self._pipeline_now([*pending, *calls], sent)
-        except asyncio.CancelledError:
-            if not sent:
-                # The caller went away (its client did) before anything left: the queued
-                # writes are other requests' and still due, so they wait for the next trip.
-                self._pending[:0] = pending
-                if self._flusher is None:
-                    self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
-            raise
+        replies = await self._pipeline_now([*pending, *calls], requeue=pending)
         return replies[len(pending) :]
 
     async def _pipeline_now(
-        self, calls: Sequence[_Call], sent: list[bool] | None = None
+        self, calls: Sequence[_Call], requeue: Sequence[_Call] = ()
     ) -> list[Any]:
         # One connection from the pool, the commands in one write, the replies read in
         # order. redis-py's Pipeline would do the same with a task of its own for the
@@ -200,18 +190,22 @@ class RedisState:
             return []
         pool = self._redis.connection_pool
         for attempt in range(2):
-            if not self._shas:
-                await self._load_scripts()
+            try:
+                if not self._shas:
+                    await self._load_scripts()
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            except asyncio.CancelledError:
+                # The caller went away (its client did) before anything left: writes that
+                # other requests queued are still due, and wait for the next round trip.
+                self._requeue(requeue)
+                raise
             # hiredis packs in C what redis-py's encoder packs argument by argument in
             # Python (35 calls: 27 against 204 µs); the arguments are str, bytes and int.
             commands = [
                 pack_command(("EVALSHA", self._shas[name], len(keys), *keys, *args))
                 for name, keys, args in calls
             ]
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             missing = False
-            if sent is not None:
-                sent.append(True)  # connected: the write below reaches the socket at once
             try:
                 await conn.send_packed_command(commands, check_health=False)
                 replies: list[Any] = []
@@ -230,9 +224,7 @@ class RedisState:
                 return replies
             if attempt:
                 raise NoScriptError("the scripts are missing after a reload")
-            if sent is not None:
-                sent.clear()  # refused unrun: nothing was applied
-            self._shas.clear()
+            self._shas.clear()  # refused unrun: the writes go again after the reload
         raise AssertionError("unreachable")
 
     async def _guarded(self, call: Callable[[], Awaitable[T]]) -> T | None:
@@ -300,6 +292,7 @@ class RedisState:
             return self._local.snapshot_now(accounts, fp, now)
 
         matched: dict[str, int] = {}
+        by_domain: dict[str, int] = {}
         root_rate = 0.0
         shared = -1
         if has_pins:
@@ -453,6 +446,13 @@ class RedisState:
         self._pending.extend(calls)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    def _requeue(self, calls: Sequence[_Call]) -> None:
+        """Writes that never left go back to the front of the queue, in their order."""
+        if calls:
+            self._pending[:0] = calls
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def flush(self) -> None:
         """Send the pending writes now (when no snapshot has taken them)."""
