@@ -8,6 +8,8 @@ same request sequence every time:
                     by tenant: ideal static affinity, so the baseline is never a cache miss
                     the gateway would have avoided)
     nginx           one bare reverse-proxy hop (bench/peers/nginx.conf): the physical floor
+    python-raw      one asyncio process with httptools on both sides, no ASGI server and no
+                    HTTP client library (bench/peers/raw_relay.py): the floor of a Python hop
     asgi-floor      uvicorn + one aiohttp session, no middleware (bench/peers/asgi_floor.py):
                     the floor of the gateway's own stack
     gateway         `affinity-gateway serve`, embedded state, one worker
@@ -55,7 +57,7 @@ from gateway.workload import multi_tenant
 
 PEERS = Path(__file__).parent / "peers"
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("direct", "nginx", "asgi-floor", "gateway", "gateway+redis", "litellm")
+ROWS = ("direct", "nginx", "python-raw", "asgi-floor", "gateway", "gateway+redis", "litellm")
 HOST = "127.0.0.1"
 
 # The emulated provider's latency. "paced": a provider that answers at the pace of the
@@ -394,12 +396,15 @@ def start_nginx(workdir: Path, emulator_url: str, accounts: int) -> Hop:
     return Hop(url, _direct_key(accounts), [service], service)
 
 
-def start_asgi_floor(workdir: Path, emulator_url: str, accounts: int) -> Hop:
+def start_python_peer(
+    row: str, script: str, workdir: Path, emulator_url: str, accounts: int
+) -> Hop:
+    """One of the Python pass-through peers in bench/peers (the client picks the key)."""
     port = free_port()
     service = Service(
-        "asgi-floor",
+        row,
         [
-            *(sys.executable, str(PEERS / "asgi_floor.py"), "--upstream", emulator_url),
+            *(sys.executable, str(PEERS / script), "--upstream", emulator_url),
             *("--host", HOST, "--port", str(port)),
         ],
         workdir=workdir,
@@ -739,7 +744,9 @@ def start_hop(row: str, workdir: Path, emulator_url: str, opts: Options) -> Hop:
     if row == "nginx":
         return start_nginx(workdir, emulator_url, opts.accounts)
     if row == "asgi-floor":
-        return start_asgi_floor(workdir, emulator_url, opts.accounts)
+        return start_python_peer(row, "asgi_floor.py", workdir, emulator_url, opts.accounts)
+    if row == "python-raw":
+        return start_python_peer(row, "raw_relay.py", workdir, emulator_url, opts.accounts)
     if row in ("gateway", "gateway+redis"):
         return start_gateway(workdir, emulator_url, opts.accounts, redis=row == "gateway+redis")
     if row == "litellm":

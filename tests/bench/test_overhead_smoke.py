@@ -1,6 +1,6 @@
-"""The overhead benchmark end to end, small: the emulator and the gateway in processes of
-their own, the direct and gateway rows only. Behaviour, not timings: every request
-answered in full, and the table names both rows."""
+"""The overhead benchmark end to end, small: the emulator, the gateway and the raw Python
+relay in processes of their own, the direct, python-raw and gateway rows only. Behaviour,
+not timings: every request answered in full, and the table names every row."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_direct_and_gateway_rows(tmp_path: Path) -> None:
     run = subprocess.run(
         [
             *(sys.executable, "-m", "bench.overhead", "--requests", "16", "--concurrency", "4"),
-            *("--repeat", "1", "--rows", "direct,gateway", "--json", str(out)),
+            *("--repeat", "1", "--rows", "direct,python-raw,gateway", "--json", str(out)),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -28,11 +28,11 @@ def test_direct_and_gateway_rows(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
 
     rows = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
-    assert {"direct", "gateway"} <= rows
+    assert {"direct", "python-raw", "gateway"} <= rows
 
     doc = orjson.loads(out.read_bytes())
     measured = {m["row"]: m for m in doc["measurements"]}
-    assert set(measured) == {"direct", "gateway"}
+    assert set(measured) == {"direct", "python-raw", "gateway"}
     for m in measured.values():
         assert m["unavailable"] is None
         assert m["requests"] == 16
@@ -42,6 +42,7 @@ def test_direct_and_gateway_rows(tmp_path: Path) -> None:
     assert summaries["gateway"]["failed"] == 0
     # The gateway's own process was measured; the direct row has no proxy to measure.
     assert summaries["gateway"]["cpu_ms"] is not None
+    assert summaries["python-raw"]["cpu_ms"] is not None
     assert summaries["direct"]["cpu_ms"] is None
 
 
