@@ -335,9 +335,10 @@ class RedisState:
         return Snapshot(matched, load, root_rate, shared, self.window_seconds, partial)
 
     def _domains(self, accounts: Sequence[AccountSpec]) -> dict[str, list[AccountSpec]]:
-        """A pool's accounts by cache domain. Pools are prepared once and passed as the
-        same object, so this is built once per pool, not per request (at a thousand
-        accounts a pass over the pool is tens of microseconds)."""
+        """A pool's accounts by cache domain, built once per pool object, not per request
+        (at a thousand accounts a pass over the pool is tens of microseconds). The
+        pinning middleware prepares one tuple per pool and the router passes it as is;
+        a pool is never changed in place."""
         memo = self._domain_memo.get(id(accounts))
         if memo is not None and memo[0] is accounts:
             return memo[1]
