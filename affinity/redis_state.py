@@ -346,7 +346,7 @@ class RedisState:
         for account in accounts:
             index.setdefault(account.cache_domain, []).append(account)
         if len(self._domain_memo) >= _POOL_MEMO:
-            self._domain_memo.clear()  # pools filtered per request (accounts in trouble)
+            self._domain_memo.clear()  # a caller that builds its pool per call
         self._domain_memo[id(accounts)] = (accounts, index)  # holds the pool: ids stay unique
         return index
 
@@ -445,15 +445,17 @@ class RedisState:
             self.fallbacks_total += 1
             return
         self._pending.extend(calls)
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+        self._start_flusher()
 
     def _requeue(self, calls: Sequence[_Call]) -> None:
         """Writes that never left go back to the front of the queue, in their order."""
         if calls:
             self._pending[:0] = calls
-            if self._flusher is None:
-                self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+            self._start_flusher()
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     async def flush(self) -> None:
         """Send the pending writes now (when no snapshot has taken them)."""

@@ -13,7 +13,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_direct_and_gateway_rows(tmp_path: Path) -> None:
+def test_direct_python_raw_and_gateway_rows(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     run = subprocess.run(
         [
