@@ -225,7 +225,7 @@ class MemoryState:
         now: float,
         *,
         order: Sequence[AccountSpec] | None = None,
-        read_more: bool = False,
+        read_more: int = 0,
     ) -> Snapshot:
         return self.snapshot_now(accounts, fp, now)  # reads each account when asked: whole
 

@@ -58,8 +58,8 @@ _SCRIPTS = {
 }
 # Recent snapshot matches kept to know a request's expected cache read at begin().
 _MATCH_MEMO = 4096
-# When the head of the order had no account with headroom, the second read is this many
-# times longer (bounded: under overload every request may ask for it).
+# When the head of the order had no account with headroom, each further read is this many
+# times longer than the last (the router bounds how often a read reaches the whole pool).
 _READ_MORE = 4
 # Pools whose accounts-by-domain index is kept (one per pool object; see _domains).
 _POOL_MEMO = 64
@@ -82,7 +82,7 @@ class RedisState:
     ) -> None:
         """read_ahead: in a larger pool, how many accounts of the decision's order a
         snapshot reads (twice the selector's candidate list: room for accounts without
-        headroom); the rest are left out of that decision."""
+        headroom); only when none of them has headroom does the router ask for more."""
         self.key_prefix = key_prefix
         self.read_ahead = read_ahead
         self.socket_timeout = socket_timeout
@@ -262,14 +262,14 @@ class RedisState:
         now: float,
         *,
         order: Sequence[AccountSpec] | None = None,
-        read_more: bool = False,
+        read_more: int = 0,
     ) -> Snapshot:
         has_pins = fp.pin_from < len(fp.hashes)
         now_ms, bucket_ms, slots = self._window_args(now)
         window_args = (now_ms, bucket_ms, slots)
         # A large pool: the windows of the head of the decision's order only (one script
         # call per account; at a thousand accounts reading them all took 35 ms).
-        read = self.read_ahead * (_READ_MORE if read_more else 1)
+        read = self.read_ahead * _READ_MORE**read_more
         partial = order is not None and len(order) > read
         head = order[:read] if order is not None and partial else accounts
         if partial and has_pins:

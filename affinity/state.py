@@ -31,12 +31,13 @@ class AffinityState(Protocol):
         now: float,
         *,
         order: Sequence[AccountSpec] | None = None,
-        read_more: bool = False,
+        read_more: int = 0,
     ) -> Snapshot:
         """What one decision needs. ``order`` is the pool in the order the decision will
         look at it (None: all alike); a back-end may read only its head (and the accounts
         holding a live match), and then says so with ``Snapshot.partial``. ``read_more``
-        asks for a longer head: the first read left no account with headroom."""
+        counts the reads of this decision that left no account with headroom: each asks
+        for a longer head, as far as the whole pool."""
         ...
 
     async def begin(

@@ -18,7 +18,7 @@ from redis.crc import key_slot
 from affinity.fingerprint import Fingerprint
 from affinity.memory import MemoryState
 from affinity.redis_state import RedisState
-from affinity.router import AffinityRouter
+from affinity.router import WHOLE_READ_EVERY, AffinityRouter
 from affinity.select import Selector
 from affinity.state import Outcome
 from affinity.types import AccountSpec, Demand, Limits, Snapshot
@@ -502,14 +502,31 @@ async def test_no_headroom_in_the_head_reads_further_before_refusing(
         assert read == [4, 16]  # the head, then four times as far
         assert (choice.candidates[0], choice.reason) == (order[6], "spill_headroom")
         assert list(choice.candidates) == order[6:16]
-        # Saturated as far as the longer read goes: refused, with a wait.
+        # No headroom as far as the longer read goes: the next read is the whole pool.
         for account in order[6:16]:
             for _ in range(10):
                 await state.begin(account, chain(700, 1), DEMAND, clock.t)
         await state.flush()
         read.clear()
         choice = await router.choose(pool, fresh, DEMAND, mode="prefix")
-        assert read == [4, 16] and choice.reason == "saturated"
+        assert read == [4, 16, 40]
+        assert (choice.candidates[0], choice.reason) == (order[16], "spill_headroom")
+        # The whole pool saturated: refused, with a wait; for a while the decisions of
+        # this pool then stop at the two partial reads.
+        for account in order[16:]:
+            for _ in range(10):
+                await state.begin(account, chain(700, 1), DEMAND, clock.t)
+        await state.flush()
+        read.clear()
+        choice = await router.choose(pool, fresh, DEMAND, mode="prefix")
+        assert read == [4, 16, 40] and choice.reason == "saturated"
         assert choice.retry_after is not None
+        read.clear()
+        choice = await router.choose(pool, chain(8, 8, 8, 8), DEMAND, mode="prefix")
+        assert read == [4, 16] and choice.reason == "saturated"
+        clock.t += WHOLE_READ_EVERY
+        read.clear()
+        choice = await router.choose(pool, fresh, DEMAND, mode="prefix")
+        assert read == [4, 16, 40] and choice.reason == "saturated"
     finally:
         await state.aclose()
