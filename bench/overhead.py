@@ -10,6 +10,9 @@ same request sequence every time:
     nginx           one bare reverse-proxy hop (bench/peers/nginx.conf): the physical floor
     python-raw      one asyncio process with httptools on both sides, no ASGI server and no
                     HTTP client library (bench/peers/raw_relay.py): the floor of a Python hop
+    uvicorn+raw     halves of the next row, run only when --rows names them: uvicorn with a
+    raw+aiohttp     raw httptools client (bench/peers/uvicorn_raw.py), and an aiohttp session
+                    behind a raw httptools server (bench/peers/raw_aiohttp.py)
     asgi-floor      uvicorn + one aiohttp session, no middleware (bench/peers/asgi_floor.py):
                     the floor of the gateway's own stack
     gateway         `affinity-gateway serve`, embedded state, one worker
@@ -57,7 +60,20 @@ from gateway.workload import multi_tenant
 
 PEERS = Path(__file__).parent / "peers"
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("direct", "nginx", "python-raw", "asgi-floor", "gateway", "gateway+redis", "litellm")
+ROWS = (
+    "direct",
+    "nginx",
+    "python-raw",
+    "uvicorn+raw",
+    "raw+aiohttp",
+    "asgi-floor",
+    "gateway",
+    "gateway+redis",
+    "litellm",
+)
+# Rows run only when --rows names them: halves of the asgi-floor hop.
+OPT_IN = ("uvicorn+raw", "raw+aiohttp")
+DEFAULT_ROWS = tuple(r for r in ROWS if r not in OPT_IN)
 HOST = "127.0.0.1"
 
 # The emulated provider's latency. "paced": a provider that answers at the pace of the
@@ -697,7 +713,7 @@ class Options:
     requests: int = 400
     concurrency: tuple[int, ...] = (4, 32)
     repeat: int = 3
-    rows: tuple[str, ...] = ROWS
+    rows: tuple[str, ...] = DEFAULT_ROWS
     accounts: int = 4
     timeout: float = 300.0
     litellm_venv: Path = field(default_factory=default_litellm_venv)
@@ -747,6 +763,10 @@ def start_hop(row: str, workdir: Path, emulator_url: str, opts: Options) -> Hop:
         return start_python_peer(row, "asgi_floor.py", workdir, emulator_url, opts.accounts)
     if row == "python-raw":
         return start_python_peer(row, "raw_relay.py", workdir, emulator_url, opts.accounts)
+    if row == "uvicorn+raw":
+        return start_python_peer(row, "uvicorn_raw.py", workdir, emulator_url, opts.accounts)
+    if row == "raw+aiohttp":
+        return start_python_peer(row, "raw_aiohttp.py", workdir, emulator_url, opts.accounts)
     if row in ("gateway", "gateway+redis"):
         return start_gateway(workdir, emulator_url, opts.accounts, redis=row == "gateway+redis")
     if row == "litellm":
@@ -1117,7 +1137,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Options, Path | None,
     p.add_argument("--requests", type=int, default=400, help="requests per measurement")
     p.add_argument("--concurrency", type=_intlist, default=(4, 32), help="e.g. 4,32")
     p.add_argument("--repeat", type=int, default=3, help="measurements per cell; medians shown")
-    p.add_argument("--rows", type=_rows, default=ROWS, help=f"subset of {','.join(ROWS)}")
+    p.add_argument(
+        "--rows",
+        type=_rows,
+        default=DEFAULT_ROWS,
+        help=f"subset of {','.join(ROWS)} ({' and '.join(OPT_IN)} only when named)",
+    )
     p.add_argument("--accounts", type=int, default=4, help="emulated provider accounts")
     p.add_argument(
         "--provider",

@@ -57,3 +57,27 @@ def test_answers_keep_one_kind_in_arrival_order() -> None:
         assert all(r.stream is streamed for r in only)
         # The calls of that kind in a longer mixed sequence, in the same order.
         assert only == [r for r in workload(600) if r.stream is streamed][:150]
+
+
+def test_the_halves_of_the_floor_run_only_when_named(tmp_path: Path) -> None:
+    from bench.overhead import DEFAULT_ROWS, OPT_IN, Options
+
+    assert Options().rows == DEFAULT_ROWS and not set(OPT_IN) & set(DEFAULT_ROWS)
+    out = tmp_path / "halves.json"
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.overhead", "--requests", "16", "--concurrency", "4"),
+            *("--repeat", "1", "--rows", "direct,uvicorn+raw,raw+aiohttp", "--json", str(out)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = {m["row"]: m for m in orjson.loads(out.read_bytes())["measurements"]}
+    assert set(measured) == {"direct", *OPT_IN}
+    for row in OPT_IN:
+        m = measured[row]
+        assert m["unavailable"] is None
+        assert (m["requests"], m["ok"], m["statuses"]) == (16, 16, [200]), m
