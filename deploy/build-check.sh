@@ -2,7 +2,8 @@
 # Run deploy/Dockerfile's steps without Docker, in fresh virtual environments under a
 # temporary directory, and check that what they install serves:
 #
-#   build stage    COPY lines (from the repository) into a scratch source tree, then
+#   build stage    COPY lines (from the repository) into a scratch source tree (or, for
+#                  /wheels, the directory the runtime stage mounts), then
 #                  every `RUN ... python -m pip ...` line of the stage, in a fresh venv
 #   runtime stage  every `RUN ... python -m pip ...` line, in another fresh venv
 #   then           check-config on examples/gateway.yaml; the ENTRYPOINT (config path,
@@ -89,13 +90,18 @@ for line in "${lines[@]}"; do
       read -r -a args <<<"$rest"
       dest=${args[-1]}
       unset 'args[-1]'
-      mkdir -p "$src/$dest"
+      case "$dest" in
+        /wheels*) dest="$wheels${dest#/wheels}" ;;   # the directory the runtime stage mounts
+        /*) fail dockerfile "COPY to $dest: teach build-check.sh where that is" ;;
+        *) dest="$src/$dest" ;;
+      esac
+      mkdir -p "$dest"
       for item in "${args[@]}"; do
         [ -e "$root/$item" ] || fail copy "COPY source $item does not exist"
         if [ -d "$root/$item" ]; then
-          cp -R "$root/$item/." "$src/$dest"
+          cp -R "$root/$item/." "$dest"
         else
-          cp "$root/$item" "$src/$dest"
+          cp "$root/$item" "$dest"
         fi
       done
       ;;

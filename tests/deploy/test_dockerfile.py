@@ -44,9 +44,14 @@ def test_two_stages_from_slim_python_311() -> None:
 def test_build_stage_builds_only_this_wheel() -> None:
     runs = [rest for i, rest in stage(0) if i == "RUN"]
     assert runs == ["python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ."]
-    copied = {src for i, rest in stage(0) if i == "COPY" for src in shlex.split(rest)[:-1]}
-    # What pyproject.toml packages, and the readme it names, reach the build stage.
-    assert {"pyproject.toml", "README.md", "gateway/", "middleware/", "affinity/"} == copied
+    copies = [shlex.split(rest) for i, rest in stage(0) if i == "COPY"]
+    copied = {src for words in copies for src in words[:-1]}
+    # What pyproject.toml packages, and the readme it names, reach the build stage; the
+    # pinned versions go beside the wheel, into what the runtime stage mounts.
+    assert {"pyproject.toml", "README.md", "gateway/", "middleware/", "affinity/"} == (
+        copied - {"constraints.txt"}
+    )
+    assert ["COPY", "constraints.txt", "/wheels/"] in [["COPY", *w] for w in copies]
 
 
 def test_runtime_stage_installs_binary_wheels_and_nothing_else() -> None:
@@ -56,6 +61,7 @@ def test_runtime_stage_installs_binary_wheels_and_nothing_else() -> None:
     (install,) = pip
     assert "--mount=type=bind,from=build,source=/wheels,target=/wheels" in install
     assert "--only-binary=:all:" in install and "--no-cache-dir" in install
+    assert "-c /wheels/constraints.txt" in install  # the versions the suite passed with
     assert install.endswith("/wheels/affinity_gateway-*.whl")
     text = " ".join(runs)
     for word in ("apt-get", "apk", "gcc", "build-essential", "make ", "curl", "wget"):
