@@ -11,11 +11,8 @@ routing state, metering.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-
 import aiohttp
-import uvicorn
+from peer import run_asgi
 from starlette.types import Receive, Scope, Send
 
 _FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
@@ -70,21 +67,7 @@ class Passthrough:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--upstream", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    uvicorn.run(
-        Passthrough(args.upstream),
-        host=args.host,
-        port=args.port,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-    )
+    run_asgi(Passthrough, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ the row prices aiohttp, and `asgi-floor` minus this row is uvicorn's and ASGI's 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from http import HTTPStatus
 from typing import cast
 
 import aiohttp
 import httptools
+from peer import run_server
 
 _FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
 
@@ -105,17 +105,7 @@ async def serve(upstream: str, host: str, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--upstream", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(args.upstream, args.host, args.port))
-    else:
-        uvloop.run(serve(args.upstream, args.host, args.port))
+    run_server(serve, __doc__ or "")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ account key; the relay passes the request through, as `asgi_floor.py` does. What
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from http import HTTPStatus
 from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+from peer import run_server
 
 _FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
 
@@ -179,17 +179,7 @@ async def serve(upstream: str, host: str, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--upstream", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(args.upstream, args.host, args.port))
-    else:
-        uvloop.run(serve(args.upstream, args.host, args.port))
+    run_server(serve, __doc__ or "")
 
 
 if __name__ == "__main__":

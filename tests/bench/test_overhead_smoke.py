@@ -13,12 +13,12 @@ import orjson
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_direct_python_raw_and_gateway_rows(tmp_path: Path) -> None:
-    out = tmp_path / "overhead.json"
+def overhead(rows: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """bench.overhead, small: 16 requests at concurrency 4, one repeat, the figures in out."""
     run = subprocess.run(
         [
             *(sys.executable, "-m", "bench.overhead", "--requests", "16", "--concurrency", "4"),
-            *("--repeat", "1", "--rows", "direct,python-raw,gateway", "--json", str(out)),
+            *("--repeat", "1", "--rows", rows, "--json", str(out)),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -26,6 +26,12 @@ def test_direct_python_raw_and_gateway_rows(tmp_path: Path) -> None:
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def test_direct_python_raw_and_gateway_rows(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    run = overhead("direct,python-raw,gateway", out)
 
     rows = {line.split()[0] for line in run.stdout.splitlines() if line.strip()}
     assert {"direct", "python-raw", "gateway"} <= rows
@@ -64,17 +70,7 @@ def test_the_halves_of_the_floor_run_only_when_named(tmp_path: Path) -> None:
 
     assert Options().rows == DEFAULT_ROWS and not set(OPT_IN) & set(DEFAULT_ROWS)
     out = tmp_path / "halves.json"
-    run = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.overhead", "--requests", "16", "--concurrency", "4"),
-            *("--repeat", "1", "--rows", "direct,uvicorn+raw,raw+aiohttp", "--json", str(out)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    overhead("direct,uvicorn+raw,raw+aiohttp", out)
     measured = {m["row"]: m for m in orjson.loads(out.read_bytes())["measurements"]}
     assert set(measured) == {"direct", *OPT_IN}
     for row in OPT_IN:
