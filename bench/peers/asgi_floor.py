@@ -12,10 +12,8 @@ routing state, metering.
 from __future__ import annotations
 
 import aiohttp
-from peer import run_asgi
+from peer import FORWARD, run_asgi
 from starlette.types import Receive, Scope, Send
-
-_FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
 
 
 class Passthrough:
@@ -34,7 +32,7 @@ class Passthrough:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k in _FORWARD]
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k in FORWARD]
         url = self.upstream + scope["path"]
         async with self.session.post(url, data=b"".join(chunks), headers=headers) as resp:
             ctype = resp.headers.get("content-type", "application/json").encode()

@@ -12,9 +12,13 @@ import argparse
 import asyncio
 import importlib.util
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
+
+import httptools
 
 Serve = Callable[[str, str, int], Coroutine[Any, Any, None]]
+# The request headers every peer passes on: the client picks the account key.
+FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
 
 
 def arguments(doc: str) -> argparse.Namespace:
@@ -53,3 +57,53 @@ def run_asgi(app: Callable[[str], Any], doc: str) -> None:
         access_log=False,
         log_level="warning",
     )
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection of a peer that is its own server, parsed by httptools: each
+    request, once whole, goes to ``request`` with its path, its FORWARD headers and body."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url: list[bytes] = []
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+
+    def request(self, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        raise NotImplementedError
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.fail()
+
+    def on_message_begin(self) -> None:
+        self.url = []
+        self.headers = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in FORWARD:
+            self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.request(b"".join(self.url), self.headers, b"".join(self.body))
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def fail(self) -> None:
+        if self.transport is not None:
+            self.transport.close()

@@ -12,57 +12,24 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import cast
 
 import aiohttp
-import httptools
-from peer import run_server
-
-_FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
+from peer import ClientConnection, run_server
 
 
-class Client(asyncio.Protocol):
+class Client(ClientConnection):
     """One client connection: each request, once whole, is forwarded by a task."""
 
     def __init__(self, upstream: str, session: aiohttp.ClientSession) -> None:
+        super().__init__()
         self.upstream = upstream
         self.session = session
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.url: list[bytes] = []
-        self.headers: list[tuple[str, str]] = []
-        self.body: list[bytes] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.fail()
-
-    def on_message_begin(self) -> None:
-        self.url = []
-        self.headers = []
-        self.body = []
-
-    def on_url(self, url: bytes) -> None:
-        self.url.append(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in _FORWARD:
-            self.headers.append((name.decode(), value.decode()))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        url = self.upstream + b"".join(self.url).decode()
-        task = asyncio.get_running_loop().create_task(
-            self.forward(url, self.headers, b"".join(self.body))
-        )
+    def request(self, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        url = self.upstream + path.decode()
+        named = [(k.decode(), v.decode()) for k, v in headers]
+        task = asyncio.get_running_loop().create_task(self.forward(url, named, body))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -80,14 +47,6 @@ class Client(asyncio.Protocol):
                 self.write(b"0\r\n\r\n")
         except aiohttp.ClientError:
             self.fail()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def fail(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 async def serve(upstream: str, host: str, port: int) -> None:

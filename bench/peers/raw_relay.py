@@ -18,9 +18,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
-from peer import run_server
-
-_FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
+from peer import ClientConnection, run_server
 
 
 class Relay:
@@ -117,58 +115,21 @@ class Upstream(asyncio.Protocol):
             self.transport.close()
 
 
-class Client(asyncio.Protocol):
+class Client(ClientConnection):
     """One client connection: requests in order, each forwarded once it is whole."""
 
     def __init__(self, relay: Relay) -> None:
+        super().__init__()
         self.relay = relay
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.url: list[bytes] = []
-        self.headers: list[bytes] = []
-        self.body: list[bytes] = []
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.fail()
-
-    def on_message_begin(self) -> None:
-        self.url.clear()
-        self.headers.clear()
-        self.body.clear()
-
-    def on_url(self, url: bytes) -> None:
-        self.url.append(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in _FORWARD:
-            self.headers.append(b"%s: %s\r\n" % (name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        body = b"".join(self.body)
+    def request(self, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         head = b"POST %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
-            b"".join(self.url),
+            path,
             self.relay.host_header,
-            b"".join(self.headers),
+            b"".join(b"%s: %s\r\n" % h for h in headers),
             len(body),
         )
         self.relay.forward(head, body, self)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def fail(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 async def serve(upstream: str, host: str, port: int) -> None:

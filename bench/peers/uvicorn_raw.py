@@ -15,10 +15,8 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
-from peer import run_asgi
+from peer import FORWARD, run_asgi
 from starlette.types import Receive, Scope, Send
-
-_FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
 
 
 class Upstream(asyncio.Protocol):
@@ -111,7 +109,7 @@ class Passthrough:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        headers = b"".join(b"%s: %s\r\n" % (k, v) for k, v in scope["headers"] if k in _FORWARD)
+        headers = b"".join(b"%s: %s\r\n" % (k, v) for k, v in scope["headers"] if k in FORWARD)
         head = b"POST %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
             scope["raw_path"],
             self.host_header,
