@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -115,13 +116,19 @@ def workload(requests: int, seed: int = 7, answers: str = "mixed") -> list[Reque
 
     ``answers`` keeps only the streamed or only the JSON calls of a longer sequence
     (the same tenants and prompts), to tell a request's fixed cost from its cost per
-    relayed event."""
+    relayed event. Built once per arguments (a run asks for it to send, describe and
+    report)."""
+    return list(_workload(requests, seed, answers))
+
+
+@functools.cache
+def _workload(requests: int, seed: int, answers: str) -> tuple[Request, ...]:
     if answers != "mixed":
         streamed = answers == "streamed"
-        keep = [r for r in workload(4 * requests, seed) if r.stream is streamed]
+        keep = [r for r in _workload(4 * requests, seed, "mixed") if r.stream is streamed]
         if len(keep) < requests:
             raise ValueError(f"only {len(keep)} {answers} calls among {4 * requests}")
-        return keep[:requests]
+        return tuple(keep[:requests])
     apps = max(1, math.ceil(requests / (SESSIONS_PER_APP * TURNS)))
     calls = multi_tenant(
         apps=apps,
@@ -138,7 +145,7 @@ def workload(requests: int, seed: int = 7, answers: str = "mixed") -> list[Reque
         body["max_tokens"] = OUTPUT_TOKENS
         tenant = int(call.session.split("-", 1)[0])
         out.append(Request(call.path, orjson.dumps(body), call.stream, tenant))
-    return out
+    return tuple(out)
 
 
 def warmup_requests(count: int) -> list[Request]:
