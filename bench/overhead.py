@@ -75,6 +75,13 @@ ROWS = (
 # Rows run only when --rows names them: halves of the asgi-floor hop.
 OPT_IN = ("uvicorn+raw", "raw+aiohttp")
 DEFAULT_ROWS = tuple(r for r in ROWS if r not in OPT_IN)
+# The rows that are a script in bench/peers.
+PYTHON_PEERS = {
+    "python-raw": "raw_relay.py",
+    "uvicorn+raw": "uvicorn_raw.py",
+    "raw+aiohttp": "raw_aiohttp.py",
+    "asgi-floor": "asgi_floor.py",
+}
 HOST = "127.0.0.1"
 
 # The emulated provider's latency. "paced": a provider that answers at the pace of the
@@ -766,14 +773,8 @@ def start_hop(row: str, workdir: Path, emulator_url: str, opts: Options) -> Hop:
         return Hop(emulator_url, _direct_key(opts.accounts))
     if row == "nginx":
         return start_nginx(workdir, emulator_url, opts.accounts)
-    if row == "asgi-floor":
-        return start_python_peer(row, "asgi_floor.py", workdir, emulator_url, opts.accounts)
-    if row == "python-raw":
-        return start_python_peer(row, "raw_relay.py", workdir, emulator_url, opts.accounts)
-    if row == "uvicorn+raw":
-        return start_python_peer(row, "uvicorn_raw.py", workdir, emulator_url, opts.accounts)
-    if row == "raw+aiohttp":
-        return start_python_peer(row, "raw_aiohttp.py", workdir, emulator_url, opts.accounts)
+    if row in PYTHON_PEERS:
+        return start_python_peer(row, PYTHON_PEERS[row], workdir, emulator_url, opts.accounts)
     if row in ("gateway", "gateway+redis"):
         return start_gateway(workdir, emulator_url, opts.accounts, redis=row == "gateway+redis")
     if row == "litellm":

@@ -12,7 +12,7 @@ routing state, metering.
 from __future__ import annotations
 
 import aiohttp
-from peer import FORWARD, run_asgi
+from peer import FORWARD, read_body, run_asgi
 from starlette.types import Receive, Scope, Send
 
 
@@ -26,15 +26,10 @@ class Passthrough:
             await self._lifespan(receive, send)
             return
         assert self.session is not None
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k in FORWARD]
         url = self.upstream + scope["path"]
-        async with self.session.post(url, data=b"".join(chunks), headers=headers) as resp:
+        async with self.session.post(url, data=body, headers=headers) as resp:
             ctype = resp.headers.get("content-type", "application/json").encode()
             await send(
                 {

@@ -11,14 +11,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NamedTuple, cast
+from urllib.parse import urlsplit
 
 import httptools
 
 Serve = Callable[[str, str, int], Coroutine[Any, Any, None]]
 # The request headers every peer passes on: the client picks the account key.
 FORWARD = frozenset({b"authorization", b"x-api-key", b"content-type", b"anthropic-version"})
+
+
+class Address(NamedTuple):
+    """Where the provider listens, and the Host header that names it."""
+
+    host: str
+    port: int
+    host_header: bytes
+
+
+def address(upstream: str) -> Address:
+    parts = urlsplit(upstream)
+    return Address(parts.hostname or "127.0.0.1", parts.port or 80, parts.netloc.encode())
+
+
+async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes:
+    """An ASGI request's whole body."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def arguments(doc: str) -> argparse.Namespace:

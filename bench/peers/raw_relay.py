@@ -15,20 +15,16 @@ from __future__ import annotations
 import asyncio
 from http import HTTPStatus
 from typing import cast
-from urllib.parse import urlsplit
 
 import httptools
-from peer import ClientConnection, run_server
+from peer import ClientConnection, address, run_server
 
 
 class Relay:
     """The provider's address and its idle kept-alive connections."""
 
     def __init__(self, upstream: str) -> None:
-        parts = urlsplit(upstream)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
-        self.host_header = parts.netloc.encode()
+        self.host, self.port, self.host_header = address(upstream)
         self.idle: list[Upstream] = []
 
     def forward(self, head: bytes, body: bytes, client: Client) -> None:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from typing import cast
-from urllib.parse import urlsplit
 
 import httptools
-from peer import FORWARD, run_asgi
+from peer import FORWARD, address, read_body, run_asgi
 from starlette.types import Receive, Scope, Send
 
 
@@ -81,10 +80,7 @@ class Upstream(asyncio.Protocol):
 
 class Passthrough:
     def __init__(self, upstream: str) -> None:
-        parts = urlsplit(upstream)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
-        self.host_header = parts.netloc.encode()
+        self.host, self.port, self.host_header = address(upstream)
         self.idle: list[Upstream] = []
 
     async def _connection(self) -> Upstream:
@@ -102,13 +98,7 @@ class Passthrough:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
         headers = b"".join(b"%s: %s\r\n" % (k, v) for k, v in scope["headers"] if k in FORWARD)
         head = b"POST %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
             scope["raw_path"],

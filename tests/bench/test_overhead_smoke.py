@@ -1,6 +1,6 @@
-"""The overhead benchmark end to end, small: the emulator, the gateway and the raw Python
-relay in processes of their own, the direct, python-raw and gateway rows only. Behaviour,
-not timings: every request answered in full, and the table names every row."""
+"""The overhead benchmark end to end, small: the emulator, the gateway and the Python peers
+in processes of their own, 16 requests a row. Behaviour, not timings: every request
+answered in full, and the table names every row."""
 
 from __future__ import annotations
 
