@@ -39,7 +39,7 @@ from affinity.breaker import CircuitBreaker
 from affinity.fingerprint import Fingerprint
 from affinity.memory import WINDOW_BUCKETS, MemoryState
 from affinity.state import Admitted, Ledger, counted_input, should_unpin
-from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, Snapshot
+from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, PoolMemo, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ _MATCH_MEMO = 4096
 # When the head of the order had no account with headroom, each further read is this many
 # times longer than the last (the router bounds how often a read reaches the whole pool).
 _READ_MORE = 4
-# Pools whose accounts-by-domain index is kept (one per pool object; see _domains).
-_POOL_MEMO = 64
 
 
 class RedisState:
@@ -101,9 +99,7 @@ class RedisState:
         )
         self._shas: dict[str, str] = {}
         self._window_key_memo: dict[str, tuple[str, str]] = {}
-        self._domain_memo: dict[
-            int, tuple[Sequence[AccountSpec], dict[str, list[AccountSpec]]]
-        ] = {}
+        self._domain_memo: PoolMemo[dict[str, list[AccountSpec]]] = PoolMemo()
         self._local = MemoryState(
             ttl_seconds=ttl_seconds, window_seconds=window_seconds, max_pins=max_pins, clock=clock
         )
@@ -336,18 +332,13 @@ class RedisState:
 
     def _domains(self, accounts: Sequence[AccountSpec]) -> dict[str, list[AccountSpec]]:
         """A pool's accounts by cache domain, built once per pool object, not per request
-        (at a thousand accounts a pass over the pool is tens of microseconds). The
-        pinning middleware prepares one tuple per pool and the router passes it as is;
-        a pool is never changed in place."""
-        memo = self._domain_memo.get(id(accounts))
-        if memo is not None and memo[0] is accounts:
-            return memo[1]
-        index: dict[str, list[AccountSpec]] = {}
-        for account in accounts:
-            index.setdefault(account.cache_domain, []).append(account)
-        if len(self._domain_memo) >= _POOL_MEMO:
-            self._domain_memo.clear()  # a caller that builds its pool per call
-        self._domain_memo[id(accounts)] = (accounts, index)  # holds the pool: ids stay unique
+        (at a thousand accounts a pass over the pool is tens of microseconds)."""
+        index = self._domain_memo.get(accounts)
+        if index is None:
+            index = {}
+            for account in accounts:
+                index.setdefault(account.cache_domain, []).append(account)
+            self._domain_memo.put(accounts, index)
         return index
 
     def _load(self, name: str, window: Sequence[Any], now: float) -> AccountLoad:

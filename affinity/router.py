@@ -11,13 +11,12 @@ from collections.abc import Callable, Sequence
 from affinity.fingerprint import Fingerprint
 from affinity.select import Choice, Mode, Selector
 from affinity.state import AffinityState
-from affinity.types import AccountLoad, AccountSpec, Demand, Outcome
+from affinity.types import AccountLoad, AccountSpec, Demand, Outcome, PoolMemo
 
 # After a read of a whole pool found no account with headroom, that pool's decisions stop
 # at the first two (partial) reads for this long: under overload every request would
 # otherwise read every account.
 WHOLE_READ_EVERY = 0.25
-_SATURATED_MEMO = 64  # pools remembered as saturated
 
 
 class AffinityRouter:
@@ -25,8 +24,8 @@ class AffinityRouter:
         self.state = state
         self.selector = selector
         self.decisions: Counter[str] = Counter()  # reason -> count, for metrics
-        # id(pool) -> (pool, until when its whole read is skipped); see WHOLE_READ_EVERY.
-        self._saturated: dict[int, tuple[Sequence[AccountSpec], float]] = {}
+        # Per pool: until when its whole read is skipped (see WHOLE_READ_EVERY).
+        self._saturated: PoolMemo[float] = PoolMemo()
 
     async def choose(
         self,
@@ -53,22 +52,13 @@ class AffinityRouter:
                 break
             if not snap.partial:
                 if read_more:
-                    self._remember_saturated(accounts, now)
+                    self._saturated.put(accounts, now + WHOLE_READ_EVERY)
                 break
             read_more += 1
-            if read_more >= 2 and self._known_saturated(accounts, now):
+            if read_more >= 2 and now < (self._saturated.get(accounts) or 0.0):
                 break
         self.decisions[choice.reason] += 1
         return choice
-
-    def _known_saturated(self, accounts: Sequence[AccountSpec], now: float) -> bool:
-        seen = self._saturated.get(id(accounts))
-        return seen is not None and seen[0] is accounts and now < seen[1]
-
-    def _remember_saturated(self, accounts: Sequence[AccountSpec], now: float) -> None:
-        if len(self._saturated) >= _SATURATED_MEMO:
-            self._saturated.clear()
-        self._saturated[id(accounts)] = (accounts, now + WHOLE_READ_EVERY)
 
     async def begin(
         self,

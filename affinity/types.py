@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +116,25 @@ class Snapshot:
     # accounts of the decision's order and the live-match holders): the rest are unknown,
     # not idle, and are left out of the decision.
     partial: bool = False
+
+
+class PoolMemo(Generic[T]):
+    """A value per pool object, by identity: the pinning middleware prepares one tuple per
+    pool and the router passes it as is, and a pool is never changed in place. Each entry
+    holds its pool, so an id is not reused while it is kept; a caller that builds its pool
+    per call only fills the memo, which then starts again."""
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._entries: dict[int, tuple[Sequence[AccountSpec], T]] = {}
+
+    def get(self, pool: Sequence[AccountSpec]) -> T | None:
+        entry = self._entries.get(id(pool))
+        return entry[1] if entry is not None and entry[0] is pool else None
+
+    def put(self, pool: Sequence[AccountSpec], value: T) -> None:
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[id(pool)] = (pool, value)

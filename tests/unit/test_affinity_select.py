@@ -9,7 +9,7 @@ import pytest
 from affinity.fingerprint import Fingerprint
 from affinity.rendezvous import key_of, rank
 from affinity.select import Selector
-from affinity.types import AccountLoad, AccountSpec, Demand, Limits, Snapshot
+from affinity.types import AccountLoad, AccountSpec, Demand, Limits, PoolMemo, Snapshot
 from tests.unit.conftest_affinity import BLOCK, chain
 
 
@@ -370,3 +370,15 @@ def test_a_partial_snapshot_decides_among_the_accounts_read_only() -> None:
     )
     choice = selector.choose(accounts, FP, DEMAND, partial, mode="prefix", order=available)
     assert names(choice.candidates) == [order[4].name]
+
+
+def test_pool_memo_keys_by_the_pool_object_and_stays_bounded() -> None:
+    memo: PoolMemo[str] = PoolMemo(size=2)
+    pool = (AccountSpec("a"), AccountSpec("b"))
+    memo.put(pool, "index")
+    assert memo.get(pool) == "index"
+    assert memo.get(tuple(pool)) == "index"  # tuple() of a tuple is the same object
+    assert memo.get(list(pool)) is None  # an equal pool, another object: not known
+    memo.put((AccountSpec("c"),), "c")
+    memo.put((AccountSpec("d"),), "d")  # over the bound: starts again
+    assert memo.get(pool) is None
